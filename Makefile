@@ -1,0 +1,68 @@
+# Developer commands. `make run` and `make test` set everything up themselves.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto' | sort)
+GEN_PACKAGES := auth inference gateway
+
+.PHONY: help setup run test lint proto proto-check proto-lint proto-breaking clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.deps: requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $@
+
+# The editable install maps the top-level packages found now, so it comes after generation.
+$(VENV)/.installed: $(VENV)/.deps gen/.generated pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+gen/.generated: $(PROTOS) $(VENV)/.deps
+	$(MAKE) --no-print-directory proto
+
+setup: $(VENV)/.installed ## Create the venv, install pinned dependencies, generate code (idempotent)
+
+proto: $(VENV)/.deps ## Generate Python modules and .pyi stubs from protos/
+	rm -rf $(addprefix gen/,$(GEN_PACKAGES))
+	$(PY) -m grpc_tools.protoc -I protos \
+		--python_out=gen --grpc_python_out=gen \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=gen \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=gen \
+		$(patsubst protos/%,%,$(PROTOS))
+	find $(addprefix gen/,$(GEN_PACKAGES)) -type d -exec touch {}/__init__.py \;
+	touch gen/.generated
+
+proto-check: proto ## Fail if the generated code differs from what is committed
+	@git add -N gen && git diff --exit-code --stat -- gen || \
+		{ echo "generated code drifted from protos/: run 'make proto' and commit gen/"; exit 1; }
+
+proto-lint: node_modules/.installed ## buf lint on our proto packages
+	npx --no-install buf lint
+
+proto-breaking: node_modules/.installed ## buf breaking against the main branch
+	npx --no-install buf breaking --against '.git#branch=main'
+
+run: setup ## Start auth, inference and gateway in the foreground (Ctrl-C stops them)
+	$(PY) -m services.devrun
+
+test: setup ## Run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup ## ruff (with security rules) and mypy on our code
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean: ## Remove the venv and caches
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The platform's services (auth, inference, gateway) and their shared chassis (common)."""

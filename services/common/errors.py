@@ -1,0 +1,197 @@
+"""Domain errors and the interceptor that turns them into gRPC statuses.
+
+The core of each service raises these; it never imports gRPC status handling itself::
+
+    ServiceError                 any error a caller should see, with a gRPC status code
+    ├── InvalidArgument          INVALID_ARGUMENT + google.rpc.BadRequest field violations
+    ├── NotFound                 NOT_FOUND
+    ├── AlreadyExists            ALREADY_EXISTS
+    ├── FailedPrecondition       FAILED_PRECONDITION
+    ├── Unauthenticated          UNAUTHENTICATED
+    ├── PermissionDenied         PERMISSION_DENIED
+    ├── ResourceExhausted        RESOURCE_EXHAUSTED + google.rpc.RetryInfo
+    ├── DeadlineExceeded         DEADLINE_EXCEEDED
+    └── Unavailable              UNAVAILABLE (+ RetryInfo when a retry delay is known)
+
+Every status carries a google.rpc.ErrorInfo (reason, domain = the service). An exception
+that is not a ServiceError becomes INTERNAL with a generic message and the trace ID; the
+exception itself goes to the log only. A status received from an upstream call
+(``grpc.aio.AioRpcError``) is passed on with its code, message and rich details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from services.common.interception import RpcInfo, ScopeInterceptor
+from services.common.logs import current_trace_ids, fields
+
+log = logging.getLogger(__name__)
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ServiceError(Exception):
+    """An error with a gRPC status code and a message that is safe to show to the caller."""
+
+    code = grpc.StatusCode.UNKNOWN
+    reason = "UNKNOWN"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[any_pb2.Any]:
+        """google.rpc detail messages beyond ErrorInfo."""
+        return []
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, violations: Sequence[tuple[str, str]] = (), **kwargs: object):
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.violations = list(violations)
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+                for field, description in self.violations
+            ]
+        )
+        return [_pack(bad_request)]
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class _Retryable(ServiceError):
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None, **kwargs: object):
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[any_pb2.Any]:
+        if self.retry_after_seconds is None:
+            return []
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, int(self.retry_after_seconds * 1e9)))
+        return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
+
+
+class ResourceExhausted(_Retryable):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(_Retryable):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status_details(error: ServiceError, domain: str) -> bytes:
+    """The serialized google.rpc.Status sent as ``grpc-status-details-bin``."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    status = status_pb2.Status(
+        code=error.code.value[0],
+        message=error.message,
+        details=[_pack(info), *error.details()],
+    )
+    return bytes(status.SerializeToString())
+
+
+def internal_message() -> str:
+    trace_id, _ = current_trace_ids()
+    return f"internal error (trace_id={trace_id})" if trace_id else "internal error"
+
+
+class ErrorInterceptor(ScopeInterceptor):
+    """Turns what a handler raises into the gRPC status the caller sees."""
+
+    def __init__(self, domain: str):
+        super().__init__()
+        self._domain = domain
+
+    @contextlib.asynccontextmanager
+    async def scope(self, info: RpcInfo, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        try:
+            yield
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise  # already a status (context.abort), or the caller went away
+        except ServiceError as error:
+            await context.abort(
+                error.code, error.message, trailing_metadata=((_DETAILS_KEY, to_status_details(error, self._domain)),)
+            )
+        except grpc.aio.AioRpcError as error:
+            # An upstream call failed: pass its status on (rich details included).
+            details = [(k, v) for k, v in (error.trailing_metadata() or ()) if k == _DETAILS_KEY]
+            log.info(
+                "upstream.failed",
+                extra=fields(method=info.full_method, code=error.code().name, upstream_message=error.details()),
+            )
+            await context.abort(error.code(), error.details() or "", trailing_metadata=tuple(details))
+        except NotImplementedError:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{info.method} is not implemented")
+        except Exception:
+            log.exception("rpc.unexpected_error", extra=fields(method=info.full_method))
+            await context.abort(grpc.StatusCode.INTERNAL, internal_message())
+
+
+__all__ = [
+    "AlreadyExists",
+    "DeadlineExceeded",
+    "ErrorInterceptor",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ServiceError",
+    "Unauthenticated",
+    "Unavailable",
+    "to_status_details",
+]

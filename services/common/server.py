@@ -1,0 +1,209 @@
+"""The gRPC server bootstrap every service uses.
+
+A :class:`GrpcServer` is one service's process-level shell: a ``grpc.aio`` server with the
+standard health service, reflection, message limits and the interceptor chain (tracing ->
+request log -> metrics -> errors), a Prometheus ``/metrics`` endpoint, the channels the
+service opens to others, and a fixed shutdown order::
+
+    signal -> health NOT_SERVING -> server.stop(grace) -> close channels and pools -> flush telemetry
+
+Health names: ``""`` and ``liveness`` mean "the process is alive and not shutting down";
+``readiness`` and each of the service's own full names mean "able to do its job now"
+(:meth:`GrpcServer.set_ready`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.rpc import error_details_pb2  # noqa: F401  (lets reflection describe rich error details)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client import CollectorRegistry
+
+from services.common.client import create_channel
+from services.common.errors import ErrorInterceptor
+from services.common.logs import bind_service, fields, reset_service
+from services.common.metrics import MetricsEndpoint, ServerMetricsInterceptor
+from services.common.request_log import RequestLogInterceptor
+from services.common.settings import ServiceSettings
+from services.common.telemetry import create_tracer_provider
+
+log = logging.getLogger(__name__)
+
+LIVENESS = "liveness"
+READINESS = "readiness"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+Closer = Callable[[], Awaitable[None]]
+
+
+class GrpcServer:
+    """One service's gRPC server, metrics endpoint and lifecycle."""
+
+    def __init__(self, settings: ServiceSettings, service: str):
+        self.settings = settings
+        self.service = service
+        self.registry = CollectorRegistry()
+        self.tracer_provider = create_tracer_provider(service)
+        self._server = grpc.aio.server(
+            interceptors=[
+                aio_server_interceptor(tracer_provider=self.tracer_provider),
+                RequestLogInterceptor(service),
+                ServerMetricsInterceptor(self.registry),
+                ErrorInterceptor(domain=service),
+            ],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._service_names: list[str] = []
+        self._closers: list[Closer] = []
+        self._metrics = MetricsEndpoint(self.registry, settings.host, settings.metrics_port)
+        self._ready = False
+        self._started = False
+        self._stopped = asyncio.Event()
+        self.port = 0
+        self.metrics_port = 0
+
+    # -- assembly (before start) ------------------------------------------------------------
+
+    def add_service(
+        self, descriptor: ServiceDescriptor, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any
+    ) -> None:
+        """Serve ``servicer``; its full name joins health and reflection."""
+        add_to_server(servicer, self._server)
+        self._service_names.append(descriptor.full_name)
+
+    def add_generic_handlers(self, full_name: str, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Serve generic handlers (for example a pass-through proxy) under ``full_name``."""
+        self._server.add_generic_rpc_handlers(tuple(handlers))
+        self._service_names.append(full_name)
+
+    def on_close(self, closer: Closer) -> None:
+        """Run ``closer`` after the server has stopped (pools, stores); last added, first run."""
+        self._closers.append(closer)
+
+    def connect(self, target: str, idempotent_methods: Sequence[tuple[str, str]] = ()) -> grpc.aio.Channel:
+        """A channel to another service, traced and measured, closed at shutdown."""
+        channel = create_channel(
+            target,
+            max_message_bytes=self.settings.max_message_bytes,
+            tracer_provider=self.tracer_provider,
+            registry=self.registry,
+            idempotent_methods=idempotent_methods,
+        )
+
+        async def close() -> None:
+            await channel.close()
+
+        self.on_close(close)
+        return channel
+
+    @property
+    def service_names(self) -> list[str]:
+        return list(self._service_names)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, *, ready: bool = True) -> None:
+        """Bind, start serving, and set health: alive, and ready if ``ready``."""
+        token = bind_service(self.service)
+        try:
+            reflection.enable_server_reflection(
+                [
+                    *self._service_names,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                self._server,
+            )
+            address = f"{self.settings.host}:{self.settings.port}"
+            self.port = self._server.add_insecure_port(address)
+            if self.port == 0:
+                raise OSError(f"cannot bind the gRPC port at {address}")
+            await self._server.start()
+            self._started = True
+            self.metrics_port = self._metrics.start()
+            await self._health.set("", _SERVING)
+            await self._health.set(LIVENESS, _SERVING)
+            await self.set_ready(ready)
+            log.info(
+                "server.started",
+                extra=fields(
+                    host=self.settings.host,
+                    port=self.port,
+                    metrics_port=self.metrics_port,
+                    services=self._service_names,
+                    ready=ready,
+                ),
+            )
+        finally:
+            reset_service(token)
+
+    async def set_ready(self, ready: bool) -> None:
+        """Flip ``readiness`` and the service names between SERVING and NOT_SERVING."""
+        self._ready = ready
+        status = _SERVING if ready else _NOT_SERVING
+        for name in (READINESS, *self._service_names):
+            await self._health.set(name, status)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def stop(self) -> None:
+        """Shut down in order: health NOT_SERVING, stop(grace), closers, metrics, telemetry."""
+        if self._stopped.is_set():
+            return
+        token = bind_service(self.service)
+        try:
+            grace = self.settings.grace_seconds
+            log.info("server.stopping", extra=fields(grace_seconds=grace))
+            await self._health.enter_graceful_shutdown()
+            if self._started:
+                await self._server.stop(grace)
+            for closer in reversed(self._closers):
+                try:
+                    await closer()
+                except Exception:
+                    log.exception("server.close_failed")
+            self._metrics.stop()
+            log.info("server.stopped")
+            self.tracer_provider.shutdown()
+        finally:
+            reset_service(token)
+            self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve_until_signal(server: GrpcServer) -> None:
+    """Start ``server``, run until SIGTERM or SIGINT, then shut it down in order."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop()
