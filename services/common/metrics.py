@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
 
 from services.common.interception import RpcInfo, ScopeInterceptor, outcome_code, split_method
 
@@ -117,26 +120,62 @@ class ClientMetricsInterceptor(
         return self._observe(details, await continuation(details, request_iterator), "bidi_stream")
 
 
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
+        return
+
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
 class MetricsEndpoint:
-    """The ``/metrics`` HTTP endpoint of one service's registry, on its own port."""
+    """The HTTP side of a service: ``/metrics`` for Prometheus, plus routes a service adds.
+
+    Served from a thread, so a busy event loop never delays a scrape.
+    """
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int):
-        self._registry = registry
         self._host = host
         self._requested_port = port
-        self._server: Any = None
-        self._thread: Any = None
+        self._routes: dict[str, WsgiApp] = {"/metrics": make_wsgi_app(registry)}
+        self._server: _ThreadingWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def add_route(self, path: str, app: WsgiApp) -> None:
+        """Serve the WSGI ``app`` at ``path`` (before :meth:`start`)."""
+        self._routes[path] = app
+
+    def _dispatch(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        app = self._routes.get(environ.get("PATH_INFO", ""))
+        if app is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found\n"]
+        return app(environ, start_response)
 
     def start(self) -> int:
-        self._server, self._thread = start_http_server(self._requested_port, self._host, registry=self._registry)
-        return int(self._server.server_port)
+        self._server = make_server(
+            self._host,
+            self._requested_port,
+            self._dispatch,
+            server_class=_ThreadingWSGIServer,
+            handler_class=_QuietHandler,
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="metrics-http", daemon=True
+        )
+        self._thread.start()
+        return self.port
 
     @property
     def port(self) -> int:
-        return int(self._server.server_port)
+        return int(self._server.server_port) if self._server else 0
 
     def stop(self) -> None:
-        if self._server is not None:
+        if self._server is not None and self._thread is not None:
             self._server.shutdown()
             self._server.server_close()
             self._thread.join(timeout=5)

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from services.common.client import create_channel
 from services.common.errors import ErrorInterceptor
 from services.common.logs import bind_service, fields, reset_service
-from services.common.metrics import MetricsEndpoint, ServerMetricsInterceptor
+from services.common.metrics import MetricsEndpoint, ServerMetricsInterceptor, WsgiApp
 from services.common.request_log import RequestLogInterceptor
 from services.common.settings import ServiceSettings
 from services.common.telemetry import create_tracer_provider
@@ -94,6 +94,10 @@ class GrpcServer:
         """Serve generic handlers (for example a pass-through proxy) under ``full_name``."""
         self._server.add_generic_rpc_handlers(tuple(handlers))
         self._service_names.append(full_name)
+
+    def add_http_route(self, path: str, app: WsgiApp) -> None:
+        """Serve a WSGI app at ``path`` on the metrics port (beside ``/metrics``)."""
+        self._metrics.add_route(path, app)
 
     def on_close(self, closer: Closer) -> None:
         """Run ``closer`` after the server has stopped (pools, stores); last added, first run."""

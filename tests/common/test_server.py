@@ -1,0 +1,126 @@
+"""The server bootstrap on each real service: health, reflection, readiness, shutdown order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+OWN_SERVICES = {
+    "auth": ["auth.v1.AuthService"],
+    "inference": ["inference.GRPCInferenceService", "inference.v1.WorkerPoolService"],
+    "gateway": ["gateway.v1.GatewayService"],
+}
+
+
+async def check(channel: grpc.aio.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(response.status)
+
+
+@pytest.mark.parametrize("name", sorted(OWN_SERVICES))
+async def test_health_serving_for_every_name(name, start_service, channel_to):
+    server = await start_service(name)
+    channel = channel_to(server)
+    for service in ["", "liveness", "readiness", *OWN_SERVICES[name]]:
+        assert await check(channel, service) == SERVING, service
+
+
+async def test_unknown_health_name_is_not_found(start_service, channel_to):
+    server = await start_service("auth")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await check(channel_to(server), "no.such.Service")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_not_ready_flips_readiness_but_not_liveness(start_service, channel_to):
+    server = await start_service("inference")
+    channel = channel_to(server)
+    await server.set_ready(False)
+    assert await check(channel, "readiness") == NOT_SERVING
+    assert await check(channel, "inference.GRPCInferenceService") == NOT_SERVING
+    assert await check(channel, "liveness") == SERVING
+    assert await check(channel, "") == SERVING
+    await server.set_ready(True)
+    assert await check(channel, "readiness") == SERVING
+
+
+async def test_stop_sets_not_serving_before_the_server_goes(start_service, channel_to):
+    server = await start_service("auth", grace_seconds=2.0)
+    channel = channel_to(server)
+    stub = health_pb2_grpc.HealthStub(channel)
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="liveness"))
+    first = await watch.read()
+    assert first.status == SERVING
+    stopping = asyncio.ensure_future(server.stop())
+    update = await asyncio.wait_for(watch.read(), timeout=5)
+    assert update.status == NOT_SERVING
+    await stopping
+    watch.cancel()
+
+
+@pytest.mark.parametrize("name", sorted(OWN_SERVICES))
+async def test_grpcurl_lists_services_through_reflection(name, start_service, grpcurl):
+    server = await start_service(name)
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [grpcurl, "-plaintext", f"127.0.0.1:{server.port}", "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    services = set(listed.stdout.split())
+    assert {*OWN_SERVICES[name], "grpc.health.v1.Health"} <= services
+
+
+async def test_grpcurl_describes_and_calls_without_proto_files(start_service, grpcurl):
+    server = await start_service("inference")
+    address = f"127.0.0.1:{server.port}"
+    described = await asyncio.to_thread(
+        subprocess.run,
+        [grpcurl, "-plaintext", address, "describe", "inference.ModelInferRequest"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "raw_input_contents" in described.stdout
+    health = await asyncio.to_thread(
+        subprocess.run,
+        [grpcurl, "-plaintext", "-d", '{"service": "readiness"}', address, "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert json.loads(health.stdout) == {"status": "SERVING"}
+    metadata = await asyncio.to_thread(
+        subprocess.run,
+        [grpcurl, "-plaintext", address, "inference.GRPCInferenceService/ServerMetadata"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert json.loads(metadata.stdout)["name"] == "ml-platform-inference"
+
+
+async def test_message_size_limit_from_settings(start_service, channel_to):
+    from inference import grpc_service_pb2 as pb
+    from inference import grpc_service_pb2_grpc
+
+    server = await start_service("inference", max_message_bytes=64 * 1024)
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel_to(server))
+    too_big = pb.ModelInferRequest(model_name="x", raw_input_contents=[b"\0" * (128 * 1024)])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ModelInfer(too_big, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
