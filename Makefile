@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto' | sort)
 GEN_PACKAGES := auth inference gateway
 
-.PHONY: help setup run test lint proto proto-check proto-lint proto-breaking clean
+.PHONY: help setup run test lint bench proto proto-check proto-lint proto-breaking clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -40,12 +40,12 @@ proto: $(VENV)/.deps ## Generate Python modules and .pyi stubs from protos/
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=gen \
 		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=gen \
 		$(patsubst protos/%,%,$(PROTOS))
-	find $(addprefix gen/,$(GEN_PACKAGES)) -type d -exec touch {}/__init__.py \;
+	find $(addprefix gen/,$(GEN_PACKAGES)) -type d -not -name __pycache__ -exec touch {}/__init__.py \;
 	touch gen/.generated
 
 proto-check: proto ## Fail if the generated code differs from what is committed
-	@git add -N gen && git diff --exit-code --stat -- gen || \
-		{ echo "generated code drifted from protos/: run 'make proto' and commit gen/"; exit 1; }
+	@drift="$$(git status --porcelain -- gen)"; if [ -n "$$drift" ]; then \
+		echo "$$drift"; echo "generated code drifted from protos/: run 'make proto' and commit gen/"; exit 1; fi
 
 proto-lint: node_modules/.installed ## buf lint on our proto packages
 	npx --no-install buf lint
@@ -63,6 +63,9 @@ lint: setup ## ruff (with security rules) and mypy on our code
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+bench: setup ## Run the benchmarks (ratios against a baseline measured in the same run)
+	$(PY) -m bench
 
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -171,15 +171,16 @@ async def test_metrics_count_the_call_just_made(chassis):
         'grpc_server_handled_total{grpc_code="INVALID_ARGUMENT",grpc_method="Login",'
         'grpc_service="auth.v1.AuthService",grpc_type="unary"} 1.0'
     ) in text
-    assert 'grpc_server_started_total{grpc_method="Login",grpc_service="auth.v1.AuthService",grpc_type="unary"} 1.0' in text
+    assert (
+        'grpc_server_started_total{grpc_method="Login",grpc_service="auth.v1.AuthService",grpc_type="unary"} 1.0'
+        in text
+    )
     assert 'grpc_server_handling_seconds_count{grpc_method="ValidateToken"' in text
 
 
 async def test_outgoing_call_propagates_trace_deadline_and_counts_client_metrics(chassis, logs):
     server, stub, upstream = chassis
-    call = stub.ChangePassword(
-        auth_pb2.ChangePasswordRequest(), timeout=1.0, metadata=(("traceparent", TRACEPARENT),)
-    )
+    call = stub.ChangePassword(auth_pb2.ChangePasswordRequest(), timeout=1.0, metadata=(("traceparent", TRACEPARENT),))
     await call
     timeout = float(dict(await call.initial_metadata())["x-upstream-timeout"])
     assert 0.5 < timeout <= 0.95  # the caller's 1 s minus the 50 ms margin, less what already passed

@@ -1,0 +1,8 @@
+"""``python -m bench`` (``make bench``): run every benchmark and print Markdown tables."""
+
+import asyncio
+
+from bench import chassis_overhead
+
+if __name__ == "__main__":
+    asyncio.run(chassis_overhead.main())
