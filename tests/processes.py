@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -34,10 +35,8 @@ class ServiceProcess:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.raw.append(line)
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 self.lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
             self._queue.put(line)
         self._queue.put(None)
 

@@ -81,7 +81,7 @@ async def chassis(start_service):
 
 
 def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode()
 
 
@@ -179,7 +179,7 @@ async def test_metrics_count_the_call_just_made(chassis):
 
 
 async def test_outgoing_call_propagates_trace_deadline_and_counts_client_metrics(chassis, logs):
-    server, stub, upstream = chassis
+    server, stub, _ = chassis
     call = stub.ChangePassword(auth_pb2.ChangePasswordRequest(), timeout=1.0, metadata=(("traceparent", TRACEPARENT),))
     await call
     timeout = float(dict(await call.initial_metadata())["x-upstream-timeout"])
