@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -13,3 +16,63 @@ class AuthSettings(ServiceSettings):
 
     port: int = Field(default=50052, ge=0, le=65535, description="gRPC port (0 picks a free port).")
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus /metrics HTTP port.")
+
+    env: Literal["production", "development"] = Field(
+        default="development", description="Where this runs; `production` refuses development-only shortcuts."
+    )
+    data_dir: Path = Field(default=Path("data/auth"), description="Directory of the SQLite database and local keys.")
+
+    # Password hashing
+    hash_profile: Literal["production", "development"] = Field(
+        default="production", description="argon2id cost: `production` (OWASP minimum or more) or cheap `development`."
+    )
+    hash_memory_kib: int | None = Field(default=None, ge=8, description="Override argon2id memory cost (KiB).")
+    hash_time_cost: int | None = Field(default=None, ge=1, description="Override argon2id iterations.")
+    hash_parallelism: int | None = Field(default=None, ge=1, description="Override argon2id lanes.")
+    hash_workers: int = Field(default=2, ge=1, le=64, description="Threads hashing passwords concurrently.")
+    hash_queue_limit: int = Field(
+        default=64, ge=0, description="Hash jobs that may wait for a thread; more are shed with RESOURCE_EXHAUSTED."
+    )
+    password_min_length: int = Field(default=12, ge=8, le=128, description="Shortest password accepted.")
+
+    # Tokens
+    access_token_ttl_seconds: int = Field(default=900, ge=30, description="Lifetime of an access token (JWT).")
+    refresh_token_ttl_seconds: int = Field(default=30 * 86400, ge=60, description="Lifetime of a session.")
+    signing_key: SecretStr | None = Field(default=None, description="Ed25519 private key (PEM) signing access tokens.")
+    signing_key_file: Path | None = Field(default=None, description="File holding the signing key (PEM).")
+    verification_key_files: list[Path] = Field(
+        default_factory=list, description="Extra public keys (PEM, JSON list of paths) still accepted, for rotation."
+    )
+    token_issuer: str = Field(default="ml-platform-auth", min_length=1, description="`iss` of access tokens.")
+    token_audience: str = Field(default="ml-platform", min_length=1, description="`aud` of access tokens.")
+
+    # Abuse protection
+    login_rate_per_ip: str = Field(default="30/minute", description="Login attempts allowed per client IP.")
+    login_rate_per_account: str = Field(default="10/minute", description="Login attempts allowed per username.")
+    rate_limit_storage_uri: str = Field(default="memory://", description="`limits` storage (e.g. redis://host:6379).")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Peer IPs (JSON list) whose x-forwarded-for is believed (the gateway)."
+    )
+    lockout_threshold: int = Field(default=5, ge=1, le=100, description="Failed logins that lock an account.")
+    lockout_base_seconds: float = Field(default=60.0, gt=0, description="First lockout; doubles with each lockout.")
+    lockout_max_seconds: float = Field(default=3600.0, gt=0, description="Longest lockout.")
+
+    # Password reset and its delivery
+    reset_token_ttl_seconds: int = Field(default=1800, ge=60, description="Lifetime of a password-reset token.")
+    smtp_host: str | None = Field(default=None, description="SMTP server for reset mails; unset = outbox file.")
+    smtp_port: int = Field(default=587, ge=1, le=65535, description="SMTP port.")
+    smtp_username: str | None = Field(default=None, description="SMTP login.")
+    smtp_password: SecretStr | None = Field(default=None, description="SMTP password.")
+    smtp_starttls: bool = Field(default=True, description="Upgrade the SMTP connection with STARTTLS.")
+    smtp_sender: str = Field(default="no-reply@ml-platform.local", description="From address of reset mails.")
+
+    # First administrator
+    bootstrap_admin_username: str | None = Field(default=None, description="Admin account created at start.")
+    bootstrap_admin_password: SecretStr | None = Field(default=None, description="Its password.")
+    bootstrap_admin_email: str = Field(default="admin@ml-platform.local", description="Its e-mail address.")
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> AuthSettings:
+        if self.env == "production" and self.hash_profile == "development":
+            raise ValueError("AUTH_HASH_PROFILE=development is refused when AUTH_ENV=production")
+        return self

@@ -65,6 +65,6 @@ def load_settings(settings_cls: type[S]) -> S:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False, include_input=False):
-            field = ".".join(str(part) for part in error["loc"]) or "?"
-            problems.append(f"{env_name(settings_cls, field)}: {error['msg']}")
+            field = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{env_name(settings_cls, field)}: {error['msg']}" if field else error["msg"])
         raise SettingsError("invalid setting " + "; ".join(problems)) from None
