@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+import limits
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -70,6 +72,19 @@ class AuthSettings(ServiceSettings):
     bootstrap_admin_username: str | None = Field(default=None, description="Admin account created at start.")
     bootstrap_admin_password: SecretStr | None = Field(default=None, description="Its password.")
     bootstrap_admin_email: str = Field(default="admin@ml-platform.local", description="Its e-mail address.")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # ValueError names the bad entry
+        return value
+
+    @field_validator("login_rate_per_ip", "login_rate_per_account")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        limits.parse(value)  # ValueError for anything but e.g. "10/minute"
+        return value
 
     @model_validator(mode="after")
     def _production_rules(self) -> AuthSettings:

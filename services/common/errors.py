@@ -13,7 +13,8 @@ The core of each service raises these; it never imports gRPC status handling its
     ├── DeadlineExceeded         DEADLINE_EXCEEDED
     └── Unavailable              UNAVAILABLE (+ RetryInfo when a retry delay is known)
 
-Every status carries a google.rpc.ErrorInfo (reason, domain = the service). An exception
+Every status carries a google.rpc.ErrorInfo (reason, domain = the service), and a
+google.rpc.RetryInfo when the error knows when a retry may succeed. An exception
 that is not a ServiceError becomes INTERNAL with a generic message and the trace ID; the
 exception itself goes to the log only. A status received from an upstream call
 (``grpc.aio.AioRpcError``) is passed on with its code, message and rich details.
@@ -24,10 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from services.common.interception import RpcInfo, ScopeInterceptor
@@ -44,16 +48,28 @@ class ServiceError(Exception):
     code = grpc.StatusCode.UNKNOWN
     reason = "UNKNOWN"
 
-    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        retry_after_seconds: float | None = None,
+    ):
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
         self.metadata = dict(metadata or {})
+        self.retry_after_seconds = retry_after_seconds
 
     def details(self) -> list[any_pb2.Any]:
-        """google.rpc detail messages beyond ErrorInfo."""
-        return []
+        """google.rpc detail messages beyond ErrorInfo: RetryInfo when a retry delay is known."""
+        if self.retry_after_seconds is None:
+            return []
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, int(self.retry_after_seconds * 1e9)))
+        return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
 
 
 class InvalidArgument(ServiceError):
@@ -71,7 +87,7 @@ class InvalidArgument(ServiceError):
                 for field, description in self.violations
             ]
         )
-        return [_pack(bad_request)]
+        return [_pack(bad_request), *super().details()]
 
 
 class NotFound(ServiceError):
@@ -104,25 +120,12 @@ class DeadlineExceeded(ServiceError):
     reason = "DEADLINE_EXCEEDED"
 
 
-class _Retryable(ServiceError):
-    def __init__(self, message: str, *, retry_after_seconds: float | None = None, **kwargs: object):
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
-        self.retry_after_seconds = retry_after_seconds
-
-    def details(self) -> list[any_pb2.Any]:
-        if self.retry_after_seconds is None:
-            return []
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(max(0, int(self.retry_after_seconds * 1e9)))
-        return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
-
-
-class ResourceExhausted(_Retryable):
+class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
 
 
-class Unavailable(_Retryable):
+class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
 
@@ -149,12 +152,42 @@ def internal_message() -> str:
     return f"internal error (trace_id={trace_id})" if trace_id else "internal error"
 
 
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Stands in for a request message that could not be decoded (e.g. a string that is not UTF-8)."""
+
+    problem: str
+
+
 class ErrorInterceptor(ScopeInterceptor):
-    """Turns what a handler raises into the gRPC status the caller sees."""
+    """Turns what a handler raises into the gRPC status the caller sees.
+
+    A unary request that cannot be decoded never reaches the handler: it is answered with
+    INVALID_ARGUMENT (gRPC's own answer would be INTERNAL).
+    """
 
     def __init__(self, domain: str):
         super().__init__()
         self._domain = domain
+
+    def wrap_deserializer(self, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        if deserializer is None:
+            return None
+        decode = deserializer
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except DecodeError as error:
+                return _Undecodable(str(error).rpartition(": ")[2] or "malformed message")
+
+        return tolerant
+
+    def check_request(self, request: Any) -> None:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(
+                "the request message could not be decoded", [("request", f"is not a valid message: {request.problem}")]
+            )
 
     @contextlib.asynccontextmanager
     async def scope(self, info: RpcInfo, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:

@@ -56,6 +56,13 @@ class ScopeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
+    def wrap_deserializer(self, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        """Hook: replace how request messages are decoded (default: unchanged)."""
+        return deserializer
+
+    def check_request(self, request: Any) -> None:
+        """Hook: inspect a unary request inside the scope, before the handler runs."""
+
     @abc.abstractmethod
     def scope(self, info: RpcInfo, context: grpc.aio.ServicerContext) -> contextlib.AbstractAsyncContextManager[Any]:
         """The async context manager one RPC's behaviour runs in."""
@@ -81,11 +88,14 @@ class ScopeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         info = RpcInfo(full_method, service, method, RPC_TYPES[kind])
         behaviour = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
         scope = self.scope
+        check_request = self.check_request
 
         if handler.response_streaming:
 
             async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with scope(info, context):
+                    if not handler.request_streaming:
+                        check_request(request)
                     result = behaviour(request, context)
                     if inspect.isasyncgen(result):
                         async for response in result:
@@ -98,6 +108,8 @@ class ScopeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with scope(info, context):
+                    if not handler.request_streaming:
+                        check_request(request)
                     result = behaviour(request, context)
                     if inspect.isawaitable(result):
                         result = await result
@@ -105,9 +117,12 @@ class ScopeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             wrapped = unary
 
+        deserializer = handler.request_deserializer
+        if not handler.request_streaming:
+            deserializer = self.wrap_deserializer(deserializer)
         return _FACTORIES[kind](
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 

@@ -35,5 +35,9 @@ def run(service: str, settings_cls: type[S], build: Callable[[S], Awaitable[Grpc
         trace.set_tracer_provider(server.tracer_provider)
         await serve_until_signal(server)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except SettingsError as error:  # found while building (keys, files, bootstrap values)
+        print(f"{service}: {error}", file=sys.stderr)  # noqa: T201
+        return EXIT_BAD_SETTINGS
     return 0

@@ -1,0 +1,541 @@
+"""The auth core: accounts, sessions, password lifecycle, abuse protection and audit.
+
+Plain Python: it takes domain values and a :class:`Caller`, raises the chassis' domain errors
+and knows nothing of gRPC. Every security decision lives here:
+
+- login checks the rate limits (per client IP, per account) before any hash is computed, then
+  the lockout, then the password (an unknown username costs a dummy verify, so that both
+  failures take the same time and give the same answer);
+- legacy hashes migrate silently to argon2id on a successful login;
+- refresh tokens rotate on every use; a rotated token used again revokes its whole session;
+- reset tokens are single-use, expire, and only their digests are stored;
+- each event is appended to the audit log and logged as a JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NoReturn
+
+from services.auth import validation
+from services.auth.metrics import AuthMetrics
+from services.auth.notifier import Notifier
+from services.auth.passwords import HashPool, PasswordHasher, PasswordPolicy, normalize
+from services.auth.ratelimit import LoginLimiter
+from services.auth.store import (
+    AuditEvent,
+    AuditQuery,
+    LockoutPolicy,
+    RefreshToken,
+    ResetToken,
+    RotationOutcome,
+    Session,
+    Store,
+    User,
+    UserExists,
+)
+from services.auth.tokens import AccessClaims, InvalidToken, TokenIssuer, new_opaque_token, token_digest
+from services.common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from services.common.logs import current_trace_ids, fields
+
+log = logging.getLogger(__name__)
+
+ROLE_USER = "user"
+ROLE_ADMIN = "admin"
+BAD_CREDENTIALS = "invalid username or password"
+AUDIT_PAGE_MAX = 500
+AUDIT_PAGE_DEFAULT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the client's IP (as trusted), and the bearer token if any."""
+
+    client_ip: str = ""
+    bearer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    access_token: str
+    refresh_token: str
+    expires_in_seconds: int
+    refresh_expires_in_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    access_ttl_seconds: int
+    refresh_ttl_seconds: int
+    reset_ttl_seconds: int
+    lockout: LockoutPolicy
+
+
+class AuthCore:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        hasher: PasswordHasher,
+        policy: PasswordPolicy,
+        pool: HashPool,
+        issuer: TokenIssuer,
+        limiter: LoginLimiter,
+        notifier: Notifier,
+        metrics: AuthMetrics,
+        config: AuthConfig,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._store = store
+        self._hasher = hasher
+        self._policy = policy
+        self._pool = pool
+        self._issuer = issuer
+        self._limiter = limiter
+        self._notifier = notifier
+        self._metrics = metrics
+        self._config = config
+        self._clock = clock
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- accounts -------------------------------------------------------------------------
+
+    async def register(self, caller: Caller, username: str, email: str, password: str) -> str:
+        violations: validation.Violations = []
+        name = validation.username(username, violations)
+        address = validation.email(email, violations)
+        try:
+            secret = self._policy.check(password, username=name or username)
+        except InvalidArgument as error:
+            violations.extend(error.violations)
+            secret = ""
+        if violations:
+            raise InvalidArgument("the registration request is invalid", violations)
+        user = await self.create_user(name, address, secret, roles=(ROLE_USER,))
+        await self._audit("REGISTERED", "success", caller, user_id=user.id, username=user.username)
+        return user.id
+
+    async def create_user(self, username: str, email: str, password: str, *, roles: tuple[str, ...]) -> User:
+        """Create an account from already-validated values (also used by the CLI and bootstrap)."""
+        password_hash = await self._pool.run(self._hasher.hash, password)
+        user = User(
+            id=str(uuid.uuid4()),
+            username=username,
+            email=email,
+            password_hash=password_hash,
+            hash_scheme=self._hasher.scheme(password_hash),
+            roles=roles,
+            created_at=self._clock(),
+        )
+        try:
+            await self._store.create_user(user)
+        except UserExists:
+            raise AlreadyExists("that username or e-mail address is already registered") from None
+        await self.refresh_hash_gauge()
+        return user
+
+    def check_password(self, password: str, *, username: str) -> str:
+        """The policy's verdict on a new password: the form to hash, or InvalidArgument."""
+        return self._policy.check(password, username=username)
+
+    def hash_scheme(self, password_hash: str) -> str:
+        return self._hasher.scheme(password_hash)
+
+    async def import_user(self, user: User) -> None:
+        """Store an account with an existing hash (legacy ones migrate at the next login)."""
+        await self._store.create_user(replace(user, created_at=user.created_at or self._clock()))
+        await self.refresh_hash_gauge()
+
+    async def ensure_admin(self, username: str, email: str, password: str) -> bool:
+        """Create the bootstrap administrator unless the username exists; True if created."""
+        violations: validation.Violations = []
+        name = validation.username(username, violations, "AUTH_BOOTSTRAP_ADMIN_USERNAME")
+        address = validation.email(email, violations, "AUTH_BOOTSTRAP_ADMIN_EMAIL")
+        if violations:
+            raise InvalidArgument("bootstrap administrator settings are invalid", violations)
+        if await self._store.get_user_by_username(name) is not None:
+            return False
+        secret = self._policy.check(password, username=name, field="AUTH_BOOTSTRAP_ADMIN_PASSWORD")
+        user = await self.create_user(name, address, secret, roles=(ROLE_USER, ROLE_ADMIN))
+        await self._audit("REGISTERED", "success", Caller(), user_id=user.id, username=name, reason="bootstrap_admin")
+        return True
+
+    # -- login and sessions ---------------------------------------------------------------
+
+    async def login(self, caller: Caller, username: str, password: str) -> TokenPair:
+        violations: validation.Violations = []
+        name = validation.username(username, violations)
+        validation.login_password(password, violations)
+        if violations:
+            raise InvalidArgument("the login request is invalid", violations)
+
+        limited = await self._limiter.check(client_ip=caller.client_ip, account=name)
+        if limited is not None:
+            self._metrics.rate_limited.labels(limited.scope).inc()
+            self._metrics.login_attempts.labels("rate_limited").inc()
+            await self._audit("RATE_LIMITED", "failure", caller, username=name, reason=f"login_{limited.scope}_limit")
+            raise ResourceExhausted(
+                "too many login attempts, retry later", retry_after_seconds=limited.retry_after_seconds
+            )
+
+        now = self._clock()
+        lock = await self._store.get_lock(name)
+        if lock.locked(now):
+            await self._login_refused(caller, name, "locked", lock.locked_until)
+
+        user = await self._store.get_user_by_username(name)
+        if user is None:
+            await self._pool.run(self._hasher.dummy_verify)
+            ok, new_hash = False, None
+        else:
+            ok, new_hash = await self._pool.run(self._hasher.verify_and_update, normalize(password), user.password_hash)
+
+        now = self._clock()
+        if not ok or user is None:
+            lock = await self._store.record_login_failure(name, now, self._config.lockout)
+            if lock.just_locked:
+                self._metrics.lockouts.inc()
+                await self._audit(
+                    "ACCOUNT_LOCKED",
+                    "success",
+                    caller,
+                    user_id=user.id if user else "",
+                    username=name,
+                    details={"locked_seconds": f"{(lock.locked_until or now) - now:.0f}"},
+                )
+            reason = "unknown_user" if user is None else "bad_password"
+            if lock.locked(now) and not lock.just_locked:
+                reason = "locked"
+            await self._login_refused(caller, name, reason, None, user_id=user.id if user else "")
+
+        # Parallel wrong attempts may have locked the account while this one was verifying.
+        lock = await self._store.get_lock(name)
+        if lock.locked(now):
+            await self._login_refused(caller, name, "locked", lock.locked_until, user_id=user.id)
+        await self._store.clear_login_failures(name)
+        if new_hash is not None:
+            await self._migrate_hash(caller, user, new_hash)
+
+        pair = await self._start_session(user, now)
+        self._metrics.login_attempts.labels("success").inc()
+        await self._audit("LOGIN_SUCCEEDED", "success", caller, user_id=user.id, username=name)
+        return pair
+
+    async def _login_refused(
+        self, caller: Caller, username: str, reason: str, locked_until: float | None, *, user_id: str = ""
+    ) -> NoReturn:
+        self._metrics.login_attempts.labels("locked" if reason == "locked" else "failure").inc()
+        await self._audit("LOGIN_FAILED", "failure", caller, user_id=user_id, username=username, reason=reason)
+        retry = None
+        if reason == "locked":
+            if locked_until is None:
+                locked_until = (await self._store.get_lock(username)).locked_until
+            retry = max(0.0, (locked_until or self._clock()) - self._clock())
+        # One answer for unknown user, wrong password and lockout (plus RetryInfo when locked).
+        raise Unauthenticated(BAD_CREDENTIALS, reason="INVALID_CREDENTIALS", retry_after_seconds=retry)
+
+    async def _migrate_hash(self, caller: Caller, user: User, new_hash: str) -> None:
+        old_scheme = user.hash_scheme
+        scheme = self._hasher.scheme(new_hash)
+        if await self._store.set_password_hash(user.id, new_hash, scheme, expected=user.password_hash):
+            if old_scheme != scheme:
+                await self._audit(
+                    "LEGACY_HASH_MIGRATED",
+                    "success",
+                    caller,
+                    user_id=user.id,
+                    username=user.username,
+                    details={"from": old_scheme, "to": scheme},
+                )
+            await self.refresh_hash_gauge()
+
+    async def _start_session(self, user: User, now: float) -> TokenPair:
+        session = Session(
+            id=str(uuid.uuid4()),
+            user_id=user.id,
+            created_at=now,
+            expires_at=now + self._config.refresh_ttl_seconds,
+        )
+        refresh = new_opaque_token()
+        await self._store.create_session(
+            session, RefreshToken(token_digest(refresh), session.id, now, session.expires_at)
+        )
+        return self._pair(user, session, refresh, now)
+
+    def _pair(self, user: User, session: Session, refresh: str, now: float) -> TokenPair:
+        access, claims = self._issuer.issue(
+            user_id=user.id, username=user.username, roles=user.roles, session_id=session.id, now=now
+        )
+        return TokenPair(
+            access_token=access,
+            refresh_token=refresh,
+            expires_in_seconds=max(0, round(claims.expires_at - now)),
+            refresh_expires_in_seconds=max(0, round(session.expires_at - now)),
+        )
+
+    async def refresh(self, caller: Caller, refresh_token: str) -> TokenPair:
+        violations: validation.Violations = []
+        validation.token(refresh_token, violations, "refresh_token")
+        if violations:
+            raise InvalidArgument("the refresh request is invalid", violations)
+        now = self._clock()
+        new_refresh = new_opaque_token()
+        rotation = await self._store.rotate_refresh_token(
+            token_digest(refresh_token), RefreshToken(token_digest(new_refresh), "", now, 0.0), now
+        )
+        session = rotation.session
+        if rotation.outcome is RotationOutcome.REUSED and session is not None:
+            await self._audit(
+                "REFRESH_REUSE_DETECTED", "failure", caller, user_id=session.user_id, details={"session_id": session.id}
+            )
+        if rotation.outcome is not RotationOutcome.ROTATED or session is None:
+            raise Unauthenticated("the refresh token is invalid, expired or revoked", reason="INVALID_REFRESH_TOKEN")
+        user = await self._store.get_user_by_id(session.user_id)
+        if user is None:
+            raise Unauthenticated("the refresh token is invalid, expired or revoked", reason="INVALID_REFRESH_TOKEN")
+        await self._audit("TOKEN_REFRESHED", "success", caller, user_id=user.id, username=user.username)
+        return self._pair(user, session, new_refresh, now)
+
+    async def authenticate(self, access_token: str) -> AccessClaims:
+        """The claims of a valid access token whose session is still active."""
+        if not access_token:
+            raise Unauthenticated("a bearer access token is required", reason="MISSING_TOKEN")
+        violations: validation.Violations = []
+        validation.token(access_token, violations, "access_token")
+        if violations:
+            raise Unauthenticated("the access token is malformed", reason="INVALID_TOKEN")
+        try:
+            claims = self._issuer.verify(access_token, now=self._clock())
+        except InvalidToken as error:
+            raise Unauthenticated(
+                "the access token is invalid or expired", reason="INVALID_TOKEN", metadata={"cause": error.reason}
+            ) from None
+        session = await self._store.get_session(claims.session_id)
+        if session is None or not session.active(self._clock()):
+            raise Unauthenticated("the session has ended", reason="SESSION_REVOKED")
+        return claims
+
+    async def require_admin(self, caller: Caller) -> AccessClaims:
+        claims = await self.authenticate(caller.bearer)
+        if ROLE_ADMIN not in claims.roles:
+            raise PermissionDenied("this call needs the admin role", reason="ADMIN_REQUIRED")
+        return claims
+
+    async def logout(self, caller: Caller) -> None:
+        claims = await self.authenticate(caller.bearer)
+        await self._store.revoke_session(claims.session_id, "logout", self._clock())
+        await self._audit(
+            "LOGGED_OUT",
+            "success",
+            caller,
+            user_id=claims.user_id,
+            username=claims.username,
+            details={"session_id": claims.session_id},
+        )
+
+    # -- passwords ------------------------------------------------------------------------
+
+    async def change_password(self, caller: Caller, current_password: str, new_password: str) -> None:
+        claims = await self.authenticate(caller.bearer)
+        violations: validation.Violations = []
+        validation.login_password(current_password, violations, "current_password")
+        try:
+            secret = self._policy.check(new_password, username=claims.username, field="new_password")
+        except InvalidArgument as error:
+            violations.extend(error.violations)
+            secret = ""
+        if violations:
+            raise InvalidArgument("the password change request is invalid", violations)
+        user = await self._store.get_user_by_id(claims.user_id)
+        if user is None:
+            raise Unauthenticated("the session has ended", reason="SESSION_REVOKED")
+        ok, _ = await self._pool.run(self._hasher.verify_and_update, normalize(current_password), user.password_hash)
+        if not ok:
+            await self._audit(
+                "PASSWORD_CHANGED",
+                "failure",
+                caller,
+                user_id=user.id,
+                username=user.username,
+                reason="wrong_current_password",
+            )
+            raise InvalidArgument(
+                "the current password is not correct", [("current_password", "does not match the account's password")]
+            )
+        new_hash = await self._pool.run(self._hasher.hash, secret)
+        now = self._clock()
+        await self._store.set_password_hash(user.id, new_hash, self._hasher.scheme(new_hash))
+        revoked = await self._store.revoke_user_sessions(user.id, "password_changed", now, keep=claims.session_id)
+        await self.refresh_hash_gauge()
+        await self._audit(
+            "PASSWORD_CHANGED",
+            "success",
+            caller,
+            user_id=user.id,
+            username=user.username,
+            details={"sessions_revoked": str(revoked)},
+        )
+
+    async def request_password_reset(self, caller: Caller, email: str) -> None:
+        """Always succeeds for a well-formed address; a mail goes out only if it is registered."""
+        violations: validation.Violations = []
+        address = validation.email(email, violations)
+        if violations:
+            raise InvalidArgument("the reset request is invalid", violations)
+        user = await self._store.get_user_by_email(address)
+        await self._audit(
+            "PASSWORD_RESET_REQUESTED",
+            "success" if user else "failure",
+            caller,
+            user_id=user.id if user else "",
+            username=user.username if user else "",
+            reason="" if user else "unknown_email",
+        )
+        if user is None:
+            return
+        token = new_opaque_token()
+        now = self._clock()
+        ttl = self._config.reset_ttl_seconds
+        await self._store.create_reset_token(ResetToken(token_digest(token), user.id, now, now + ttl))
+        # Deliver in the background: a registered address must not answer slower than an unknown one.
+        task = asyncio.get_running_loop().create_task(self._deliver_reset(user, token, ttl))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _deliver_reset(self, user: User, token: str, ttl: int) -> None:
+        try:
+            await self._notifier.send_password_reset(
+                email=user.email, username=user.username, token=token, expires_in_seconds=ttl
+            )
+        except Exception as error:
+            log.warning("reset.delivery_failed", extra=fields(user_id=user.id, error=type(error).__name__))
+
+    async def reset_password(self, caller: Caller, token: str, new_password: str) -> None:
+        violations: validation.Violations = []
+        validation.token(token, violations, "token")
+        if violations:
+            raise InvalidArgument("the reset request is invalid", violations)
+        digest = token_digest(token)
+        record = await self._store.find_reset_token(digest, self._clock())
+        user = await self._store.get_user_by_id(record.user_id) if record else None
+        if record is None or user is None:
+            await self._audit("PASSWORD_RESET_COMPLETED", "failure", caller, reason="invalid_token")
+            raise InvalidArgument(
+                "the reset token is invalid, used or expired", [("token", "is invalid, used or expired")]
+            )
+        secret = self._policy.check(new_password, username=user.username, field="new_password")
+        new_hash = await self._pool.run(self._hasher.hash, secret)
+        now = self._clock()
+        user_id = await self._store.complete_reset(digest, new_hash, self._hasher.scheme(new_hash), now)
+        if user_id is None:  # a parallel reset used the token first
+            raise InvalidArgument(
+                "the reset token is invalid, used or expired", [("token", "is invalid, used or expired")]
+            )
+        revoked = await self._store.revoke_user_sessions(user_id, "password_reset", now)
+        await self._store.clear_login_failures(user.username)
+        await self.refresh_hash_gauge()
+        await self._audit(
+            "PASSWORD_RESET_COMPLETED",
+            "success",
+            caller,
+            user_id=user.id,
+            username=user.username,
+            details={"sessions_revoked": str(revoked)},
+        )
+
+    # -- administration -------------------------------------------------------------------
+
+    async def unlock_account(self, caller: Caller, username: str) -> None:
+        admin = await self.require_admin(caller)
+        violations: validation.Violations = []
+        name = validation.username(username, violations)
+        if violations:
+            raise InvalidArgument("the unlock request is invalid", violations)
+        if await self._store.get_user_by_username(name) is None and not (await self._store.get_lock(name)).failed_count:
+            raise NotFound("no such account", reason="ACCOUNT_NOT_FOUND")
+        await self._store.clear_login_failures(name)
+        await self._audit("ACCOUNT_UNLOCKED", "success", caller, username=name, details={"by": admin.username})
+
+    async def list_audit_events(self, caller: Caller, query: AuditQuery) -> list[AuditEvent]:
+        await self.require_admin(caller)
+        size = query.page_size or AUDIT_PAGE_DEFAULT
+        if not 0 < size <= AUDIT_PAGE_MAX:
+            raise InvalidArgument(
+                "the audit query is invalid", [("page_size", f"must be between 1 and {AUDIT_PAGE_MAX}")]
+            )
+        return await self._store.list_audit(replace(query, page_size=size))
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    async def wrap_legacy_hashes(self) -> int:
+        """Replace every legacy SHA-256 hash at rest by its argon2id wrap; returns how many."""
+        wrapped = 0
+        for user in await self._store.list_users():
+            new_hash = await self._pool.run(self._hasher.wrap_legacy, user.password_hash)
+            if new_hash is None:
+                continue
+            scheme = self._hasher.scheme(new_hash)
+            if await self._store.set_password_hash(user.id, new_hash, scheme, expected=user.password_hash):
+                wrapped += 1
+        await self.refresh_hash_gauge()
+        return wrapped
+
+    async def refresh_hash_gauge(self) -> None:
+        counts = await self._store.count_hash_schemes()
+        for scheme in {*counts, *self._metrics.known_schemes}:
+            self._metrics.password_hashes.labels(scheme).set(counts.get(scheme, 0))
+        self._metrics.known_schemes.update(counts)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _audit(
+        self,
+        event_type: str,
+        outcome: str,
+        caller: Caller,
+        *,
+        user_id: str = "",
+        username: str = "",
+        reason: str = "",
+        details: dict[str, str] | None = None,
+    ) -> None:
+        trace_id, _ = current_trace_ids()
+        event = AuditEvent(
+            event_type=event_type,
+            occurred_at=self._clock(),
+            outcome=outcome,
+            user_id=user_id,
+            username=username,
+            client_ip=caller.client_ip,
+            trace_id=trace_id,
+            reason=reason,
+            details=details or {},
+        )
+        event_id = await self._store.append_audit(event)
+        log.info(
+            "audit",
+            extra=fields(
+                audit_id=event_id,
+                event_type=event_type,
+                outcome=outcome,
+                user_id=user_id,
+                username=username,
+                client_ip=caller.client_ip,
+                reason=reason,
+                details=event.details,
+            ),
+        )

@@ -1,0 +1,500 @@
+"""The SQLite implementation of :class:`~services.auth.store.Store`.
+
+One connection, used from one dedicated thread: every method runs there in its own
+transaction, so read-modify-write sequences (the lockout counter, refresh rotation, reset-token
+use) are atomic without further locking, and the event loop never blocks on disk. WAL mode
+lets readers (backups, the operator's sqlite3 shell) work beside it. The schema is versioned:
+:data:`MIGRATIONS` are applied in order at open, each once. Parameterised queries only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from services.auth.store import (
+    AuditEvent,
+    AuditQuery,
+    LockoutPolicy,
+    LockState,
+    RefreshToken,
+    ResetToken,
+    Rotation,
+    RotationOutcome,
+    Session,
+    User,
+    UserExists,
+)
+
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: accounts, lockout, sessions, refresh and reset tokens, audit log
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        username TEXT NOT NULL UNIQUE,
+        email TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        hash_scheme TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE login_failures (
+        username TEXT PRIMARY KEY,
+        failed_count INTEGER NOT NULL DEFAULT 0,
+        locked_until REAL,
+        lockouts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        revoked_at REAL,
+        revoked_reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX sessions_user ON sessions(user_id);
+    CREATE TABLE refresh_tokens (
+        digest TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES sessions(id),
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        rotated_at REAL
+    );
+    CREATE INDEX refresh_tokens_session ON refresh_tokens(session_id);
+    CREATE TABLE reset_tokens (
+        digest TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL,
+        invalidated_at REAL
+    );
+    CREATE INDEX reset_tokens_user ON reset_tokens(user_id);
+    CREATE TABLE audit_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_type TEXT NOT NULL,
+        occurred_at REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        user_id TEXT NOT NULL DEFAULT '',
+        username TEXT NOT NULL DEFAULT '',
+        client_ip TEXT NOT NULL DEFAULT '',
+        trace_id TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT '',
+        details TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_events_user ON audit_events(user_id, id);
+    CREATE INDEX audit_events_time ON audit_events(occurred_at);
+    -- append-only: the database itself refuses changes to the audit log
+    CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
+        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
+        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    """,
+)
+
+
+def _user(row: sqlite3.Row | None) -> User | None:
+    if row is None:
+        return None
+    return User(
+        id=row["id"],
+        username=row["username"],
+        email=row["email"],
+        password_hash=row["password_hash"],
+        hash_scheme=row["hash_scheme"],
+        roles=tuple(json.loads(row["roles"])),
+        created_at=row["created_at"],
+    )
+
+
+def _session(row: sqlite3.Row | None) -> Session | None:
+    if row is None:
+        return None
+    return Session(
+        id=row["id"],
+        user_id=row["user_id"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+        revoked_reason=row["revoked_reason"],
+    )
+
+
+def _lock(row: sqlite3.Row | None, *, just_locked: bool = False) -> LockState:
+    if row is None:
+        return LockState()
+    return LockState(
+        failed_count=row["failed_count"],
+        locked_until=row["locked_until"],
+        lockouts=row["lockouts"],
+        just_locked=just_locked,
+    )
+
+
+class SqliteStore:
+    """Auth storage in one SQLite file (WAL)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auth-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction on the database thread."""
+
+        def transaction() -> T:
+            if self._db is None:
+                raise RuntimeError("the store is not open")
+            with self._db:  # commit, or roll back on error
+                return fn(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, transaction)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.isolation_level = "DEFERRED"
+            self._db = db
+            self._migrate(db)
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        with db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+        current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(script):
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))", (version,)
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    async def schema_version(self) -> int:
+        return await self._run(lambda db: int(db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]))
+
+    async def close(self) -> None:
+        def disconnect() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, disconnect)
+        self._executor.shutdown(wait=True)
+
+    # -- users ----------------------------------------------------------------------------
+
+    async def create_user(self, user: User) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO users (id, username, email, password_hash, hash_scheme, roles, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        user.id,
+                        user.username,
+                        user.email,
+                        user.password_hash,
+                        user.hash_scheme,
+                        json.dumps(list(user.roles)),
+                        user.created_at,
+                    ),
+                )
+            except sqlite3.IntegrityError as error:
+                raise UserExists(str(error)) from None
+
+        await self._run(insert)
+
+    async def get_user_by_username(self, username: str) -> User | None:
+        return await self._run(
+            lambda db: _user(db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone())
+        )
+
+    async def get_user_by_id(self, user_id: str) -> User | None:
+        return await self._run(lambda db: _user(db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()))
+
+    async def get_user_by_email(self, email: str) -> User | None:
+        return await self._run(lambda db: _user(db.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()))
+
+    async def list_users(self) -> list[User]:
+        def select(db: sqlite3.Connection) -> list[User]:
+            return [user for row in db.execute("SELECT * FROM users ORDER BY created_at") if (user := _user(row))]
+
+        return await self._run(select)
+
+    async def set_password_hash(
+        self, user_id: str, password_hash: str, scheme: str, *, expected: str | None = None
+    ) -> bool:
+        def update(db: sqlite3.Connection) -> bool:
+            if expected is None:
+                cursor = db.execute(
+                    "UPDATE users SET password_hash = ?, hash_scheme = ? WHERE id = ?", (password_hash, scheme, user_id)
+                )
+            else:
+                cursor = db.execute(
+                    "UPDATE users SET password_hash = ?, hash_scheme = ? WHERE id = ? AND password_hash = ?",
+                    (password_hash, scheme, user_id, expected),
+                )
+            return cursor.rowcount == 1
+
+        return await self._run(update)
+
+    async def count_hash_schemes(self) -> dict[str, int]:
+        def count(db: sqlite3.Connection) -> dict[str, int]:
+            return {
+                row[0]: row[1] for row in db.execute("SELECT hash_scheme, COUNT(*) FROM users GROUP BY hash_scheme")
+            }
+
+        return await self._run(count)
+
+    # -- lockout --------------------------------------------------------------------------
+
+    async def get_lock(self, username: str) -> LockState:
+        return await self._run(
+            lambda db: _lock(db.execute("SELECT * FROM login_failures WHERE username = ?", (username,)).fetchone())
+        )
+
+    async def record_login_failure(self, username: str, now: float, policy: LockoutPolicy) -> LockState:
+        def record(db: sqlite3.Connection) -> LockState:
+            row = db.execute("SELECT * FROM login_failures WHERE username = ?", (username,)).fetchone()
+            state = _lock(row)
+            if state.locked(now):
+                return state  # already locked: a parallel attempt got there first; do not count past it
+            failed = state.failed_count + 1
+            if state.locked_until is not None:  # an expired lockout: count afresh
+                failed = 1
+            locked_until: float | None = None
+            lockouts = state.lockouts
+            if failed >= policy.threshold:
+                locked_until = now + policy.duration(state.lockouts)
+                lockouts += 1
+            db.execute(
+                "INSERT INTO login_failures (username, failed_count, locked_until, lockouts) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(username) DO UPDATE SET failed_count = excluded.failed_count,"
+                " locked_until = excluded.locked_until, lockouts = excluded.lockouts",
+                (username, failed, locked_until, lockouts),
+            )
+            return LockState(failed, locked_until, lockouts, just_locked=locked_until is not None)
+
+        return await self._run(record)
+
+    async def clear_login_failures(self, username: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM login_failures WHERE username = ?", (username,)))
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def create_session(self, session: Session, refresh: RefreshToken) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO sessions (id, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (session.id, session.user_id, session.created_at, session.expires_at),
+            )
+            _insert_refresh(db, refresh)
+
+        await self._run(insert)
+
+    async def get_session(self, session_id: str) -> Session | None:
+        return await self._run(
+            lambda db: _session(db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone())
+        )
+
+    async def revoke_session(self, session_id: str, reason: str, now: float) -> bool:
+        def revoke(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE sessions SET revoked_at = ?, revoked_reason = ? WHERE id = ? AND revoked_at IS NULL",
+                (now, reason, session_id),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(revoke)
+
+    async def revoke_user_sessions(self, user_id: str, reason: str, now: float, *, keep: str = "") -> int:
+        def revoke(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "UPDATE sessions SET revoked_at = ?, revoked_reason = ?"
+                " WHERE user_id = ? AND revoked_at IS NULL AND id != ?",
+                (now, reason, user_id, keep),
+            )
+            return int(cursor.rowcount)
+
+        return await self._run(revoke)
+
+    async def rotate_refresh_token(self, digest: str, new: RefreshToken, now: float) -> Rotation:
+        def rotate(db: sqlite3.Connection) -> Rotation:
+            row = db.execute("SELECT * FROM refresh_tokens WHERE digest = ?", (digest,)).fetchone()
+            if row is None:
+                return Rotation(RotationOutcome.UNKNOWN)
+            session = _session(db.execute("SELECT * FROM sessions WHERE id = ?", (row["session_id"],)).fetchone())
+            if session is None:  # foreign keys make this impossible
+                raise RuntimeError("refresh token without a session")
+            if row["rotated_at"] is not None:
+                # A rotated token came back: it was stolen or replayed. End the whole family.
+                if session.revoked_at is None:
+                    db.execute(
+                        "UPDATE sessions SET revoked_at = ?, revoked_reason = 'refresh_reuse' WHERE id = ?",
+                        (now, session.id),
+                    )
+                return Rotation(RotationOutcome.REUSED, session)
+            if row["expires_at"] <= now or not session.active(now):
+                return Rotation(RotationOutcome.INACTIVE, session)
+            db.execute("UPDATE refresh_tokens SET rotated_at = ? WHERE digest = ?", (now, digest))
+            _insert_refresh(db, RefreshToken(new.digest, session.id, new.created_at, new.expires_at))
+            return Rotation(RotationOutcome.ROTATED, session)
+
+        return await self._run(rotate)
+
+    # -- password reset -------------------------------------------------------------------
+
+    async def create_reset_token(self, token: ResetToken) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE reset_tokens SET invalidated_at = ?"
+                " WHERE user_id = ? AND used_at IS NULL AND invalidated_at IS NULL",
+                (token.created_at, token.user_id),
+            )
+            db.execute(
+                "INSERT INTO reset_tokens (digest, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (token.digest, token.user_id, token.created_at, token.expires_at),
+            )
+
+        await self._run(insert)
+
+    async def find_reset_token(self, digest: str, now: float) -> ResetToken | None:
+        def select(db: sqlite3.Connection) -> ResetToken | None:
+            row = db.execute(
+                "SELECT * FROM reset_tokens WHERE digest = ? AND used_at IS NULL AND invalidated_at IS NULL"
+                " AND expires_at > ?",
+                (digest, now),
+            ).fetchone()
+            if row is None:
+                return None
+            return ResetToken(row["digest"], row["user_id"], row["created_at"], row["expires_at"])
+
+        return await self._run(select)
+
+    async def complete_reset(self, digest: str, password_hash: str, scheme: str, now: float) -> str | None:
+        def complete(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "UPDATE reset_tokens SET used_at = ? WHERE digest = ? AND used_at IS NULL"
+                " AND invalidated_at IS NULL AND expires_at > ? RETURNING user_id",
+                (now, digest, now),
+            ).fetchone()
+            if row is None:
+                return None
+            user_id = str(row["user_id"])
+            db.execute(
+                "UPDATE users SET password_hash = ?, hash_scheme = ? WHERE id = ?", (password_hash, scheme, user_id)
+            )
+            return user_id
+
+        return await self._run(complete)
+
+    # -- audit ----------------------------------------------------------------------------
+
+    async def append_audit(self, event: AuditEvent) -> int:
+        def insert(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "INSERT INTO audit_events (event_type, occurred_at, outcome, user_id, username, client_ip, trace_id,"
+                " reason, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.event_type,
+                    event.occurred_at,
+                    event.outcome,
+                    event.user_id,
+                    event.username,
+                    event.client_ip,
+                    event.trace_id,
+                    event.reason,
+                    json.dumps(event.details, sort_keys=True),
+                ),
+            )
+            return int(cursor.lastrowid or 0)
+
+        return await self._run(insert)
+
+    async def list_audit(self, query: AuditQuery) -> list[AuditEvent]:
+        clauses = ["id > ?"]
+        params: list[Any] = [query.after_id]
+        if query.user_id:
+            clauses.append("user_id = ?")
+            params.append(query.user_id)
+        if query.username:
+            clauses.append("username = ?")
+            params.append(query.username)
+        if query.event_types:
+            clauses.append(f"event_type IN ({', '.join('?' for _ in query.event_types)})")
+            params.extend(query.event_types)
+        if query.start_time is not None:
+            clauses.append("occurred_at >= ?")
+            params.append(query.start_time)
+        if query.end_time is not None:
+            clauses.append("occurred_at < ?")
+            params.append(query.end_time)
+        sql = f"SELECT * FROM audit_events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608  (fixed clauses, values bound)
+        params.append(query.page_size)
+
+        def select(db: sqlite3.Connection) -> list[AuditEvent]:
+            return [
+                AuditEvent(
+                    id=row["id"],
+                    event_type=row["event_type"],
+                    occurred_at=row["occurred_at"],
+                    outcome=row["outcome"],
+                    user_id=row["user_id"],
+                    username=row["username"],
+                    client_ip=row["client_ip"],
+                    trace_id=row["trace_id"],
+                    reason=row["reason"],
+                    details=json.loads(row["details"]),
+                )
+                for row in db.execute(sql, params)
+            ]
+
+        return await self._run(select)
+
+
+def _insert_refresh(db: sqlite3.Connection, token: RefreshToken) -> None:
+    db.execute(
+        "INSERT INTO refresh_tokens (digest, session_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+        (token.digest, token.session_id, token.created_at, token.expires_at),
+    )
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (trigger bodies keep their inner semicolons)."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
