@@ -24,6 +24,13 @@ $(VENV)/.installed: $(VENV)/.deps gen/.generated pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
+CLIENTS_VENV := .venv-clients
+
+$(CLIENTS_VENV)/.installed: tests/clients/requirements.lock
+	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/clients/requirements.lock
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -56,7 +63,7 @@ proto-breaking: node_modules/.installed ## buf breaking against the main branch
 run: setup ## Start auth, inference and gateway in the foreground (Ctrl-C stops them)
 	$(PY) -m services.devrun
 
-test: setup ## Run the whole test suite
+test: setup $(CLIENTS_VENV)/.installed ## Run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff (with security rules) and mypy on our code
@@ -68,4 +75,4 @@ bench: setup ## Run the benchmarks (ratios against a baseline measured in the sa
 	$(PY) -m bench
 
 clean: ## Remove the venv and caches
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENTS_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
