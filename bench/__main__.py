@@ -2,7 +2,8 @@
 
 import asyncio
 
-from bench import chassis_overhead
+from bench import auth_login, chassis_overhead
 
 if __name__ == "__main__":
     asyncio.run(chassis_overhead.main())
+    asyncio.run(auth_login.main())
