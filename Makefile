@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto' | sort)
 GEN_PACKAGES := auth inference gateway
 
-.PHONY: help setup run test lint bench proto proto-check proto-lint proto-breaking clean
+.PHONY: help setup models run test lint bench proto proto-check proto-lint proto-breaking clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -38,7 +38,13 @@ node_modules/.installed: package.json package-lock.json
 gen/.generated: $(PROTOS) $(VENV)/.deps
 	$(MAKE) --no-print-directory proto
 
-setup: $(VENV)/.installed ## Create the venv, install pinned dependencies, generate code (idempotent)
+models/.built: $(VENV)/.installed services/inference/make_models.py
+	$(PY) -m services.inference.make_models --repository models
+	touch $@
+
+models: models/.built ## Train the demo models (iris, digits) into models/ (idempotent)
+
+setup: $(VENV)/.installed models/.built ## Create the venv, install pinned dependencies, generate code, train demo models (idempotent)
 
 proto: $(VENV)/.deps ## Generate Python modules and .pyi stubs from protos/
 	rm -rf $(addprefix gen/,$(GEN_PACKAGES))

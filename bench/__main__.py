@@ -2,8 +2,9 @@
 
 import asyncio
 
-from bench import auth_login, chassis_overhead
+from bench import auth_login, chassis_overhead, ipc_throughput
 
 if __name__ == "__main__":
     asyncio.run(chassis_overhead.main())
     asyncio.run(auth_login.main())
+    asyncio.run(ipc_throughput.main())

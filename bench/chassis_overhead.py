@@ -26,17 +26,30 @@ ROUNDS = 5
 CALLS_PER_ROUND = 2000
 
 
+class _LiveOnly(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The same ServerLive answer as the inference service, with nothing around it."""
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+
 async def _serve(mode: str) -> None:
-    from services.inference import InferenceSettings, build_server
-    from services.inference.servicer import InferenceServicer
+    import tempfile
+
+    from services.inference.app import build_server
+    from services.inference.settings import InferenceSettings
 
     if mode == "chassis":
-        server = await build_server(InferenceSettings(port=0, metrics_port=0, grace_seconds=1))
+        empty = tempfile.mkdtemp(prefix="bench-empty-repository-")
+        settings = InferenceSettings(port=0, metrics_port=0, grace_seconds=1, model_repository=empty)
+        server = await build_server(settings)
         await server.start()
         port = server.port
     else:
         bare = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        servicer = InferenceServicer(name="bare", version="0", extensions=[], is_ready=lambda: True)
+        servicer = _LiveOnly()
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, bare)
         port = bare.add_insecure_port("127.0.0.1:0")
         await bare.start()

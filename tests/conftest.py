@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -21,8 +22,9 @@ from services.common.logs import JsonFormatter
 from services.common.server import GrpcServer
 from services.gateway import GatewaySettings
 from services.gateway import build_server as build_gateway
-from services.inference import InferenceSettings
-from services.inference import build_server as build_inference
+from services.inference.app import build_server as build_inference
+from services.inference.settings import InferenceSettings
+from tests.polling import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_PREFIXES = ("AUTH_", "GATEWAY_", "INFERENCE_", "OTEL_")
@@ -49,20 +51,34 @@ def loopback_settings(settings_cls: type[Any], **overrides: Any) -> Any:
 
 
 @pytest.fixture
-async def start_service() -> AsyncIterator[Callable[..., Awaitable[GrpcServer]]]:
-    """Start one of the real services in this process on free ports; all are stopped afterwards."""
+async def start_service(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[GrpcServer]]]:
+    """Start one of the real services in this process on free ports, and wait until it is ready.
+
+    auth keeps its data and inference its (empty) model repository under tmp_path; all servers
+    are stopped afterwards.
+    """
     started: list[GrpcServer] = []
 
     async def start(name: str, **overrides: Any) -> GrpcServer:
         settings_cls, build = SERVICES[name]
+        if name == "auth":
+            overrides = {"data_dir": tmp_path / f"auth-{len(started)}", "hash_profile": "development", **overrides}
+        if name == "inference":
+            overrides.setdefault("model_repository", tmp_path / f"models-{len(started)}")
+            await asyncio.to_thread(Path(overrides["model_repository"]).mkdir, parents=True, exist_ok=True)
         server = await build(loopback_settings(settings_cls, **overrides))
         await server.start()
         started.append(server)
+        await eventually_ready(server)
         return server
 
     yield start
     for server in reversed(started):
         await server.stop()
+
+
+async def eventually_ready(server: GrpcServer, within: float = 60.0) -> None:
+    await eventually(lambda: server.ready, within)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PREFIXES = {"auth": "AUTH_", "gateway": "GATEWAY_", "inference": "INFERENCE_"}
@@ -72,11 +73,19 @@ class ServiceProcess:
         return code
 
 
-def start_service(name: str, **settings: str) -> ServiceProcess:
-    """Start a service on free ports (port 0) and wait until it has logged ``server.started``."""
+def start_service(name: str, workdir: Path, **settings: str) -> ServiceProcess:
+    """Start a service on free ports (port 0), its files under ``workdir``, and wait until it is ready.
+
+    Ready: it has logged ``server.started`` (and, for inference, its readiness after loading models).
+    """
     prefix = PREFIXES[name]
     env = {key: value for key, value in os.environ.items() if not key.startswith(tuple(PREFIXES.values()))}
     env.update({f"{prefix}PORT": "0", f"{prefix}METRICS_PORT": "0", f"{prefix}GRACE_SECONDS": "2"})
+    if name == "auth":
+        env.update({"AUTH_DATA_DIR": str(workdir / "auth"), "AUTH_HASH_PROFILE": "development"})
+    if name == "inference":
+        (workdir / "models").mkdir(parents=True, exist_ok=True)
+        env["INFERENCE_MODEL_REPOSITORY"] = str(workdir / "models")
     env.update({f"{prefix}{key.upper()}": value for key, value in settings.items()})
     process = subprocess.Popen(
         [sys.executable, "-m", f"services.{name}"],
@@ -91,6 +100,8 @@ def start_service(name: str, **settings: str) -> ServiceProcess:
     service._pump_thread.start()
     try:
         started = service.wait_for_event("server.started")
+        if name == "inference":
+            service.wait_for_event("inference.readiness")
     except BaseException:
         service.stop()
         raise

@@ -16,16 +16,18 @@ from tests.processes import ServiceProcess, start_service
 
 
 @pytest.fixture(scope="module")
-def platform():
+def platform(tmp_path_factory):
     """auth and inference, then the gateway pointed at them."""
+    workdir = tmp_path_factory.mktemp("platform")
     started: list[ServiceProcess] = []
     try:
-        auth = start_service("auth")
+        auth = start_service("auth", workdir)
         started.append(auth)
-        inference = start_service("inference")
+        inference = start_service("inference", workdir)
         started.append(inference)
         gateway = start_service(
             "gateway",
+            workdir,
             auth_target=f"dns:///{auth.address}",
             inference_target=f"dns:///{inference.address}",
         )
@@ -70,8 +72,8 @@ def test_every_log_line_is_json_with_the_schema(platform):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_flips_health_then_exits_zero_within_grace(sig):
-    service = start_service("inference", grace_seconds="3")
+def test_signal_flips_health_then_exits_zero_within_grace(sig, tmp_path):
+    service = start_service("inference", tmp_path, grace_seconds="3")
     try:
         with grpc.insecure_channel(service.address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(

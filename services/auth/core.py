@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -281,8 +282,8 @@ class AuthCore:
         return TokenPair(
             access_token=access,
             refresh_token=refresh,
-            expires_in_seconds=max(0, round(claims.expires_at - now)),
-            refresh_expires_in_seconds=max(0, round(session.expires_at - now)),
+            expires_in_seconds=max(0, math.ceil(claims.expires_at - now)),
+            refresh_expires_in_seconds=max(0, math.ceil(session.expires_at - now)),
         )
 
     async def refresh(self, caller: Caller, refresh_token: str) -> TokenPair:

@@ -11,6 +11,7 @@ The core of each service raises these; it never imports gRPC status handling its
     ├── PermissionDenied         PERMISSION_DENIED
     ├── ResourceExhausted        RESOURCE_EXHAUSTED + google.rpc.RetryInfo
     ├── DeadlineExceeded         DEADLINE_EXCEEDED
+    ├── Internal                 INTERNAL, with a message safe to show
     └── Unavailable              UNAVAILABLE (+ RetryInfo when a retry delay is known)
 
 Every status carries a google.rpc.ErrorInfo (reason, domain = the service), and a
@@ -120,6 +121,13 @@ class DeadlineExceeded(ServiceError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class Internal(ServiceError):
+    """A failure the caller cannot fix, with a message that is safe to show (e.g. a model raised)."""
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+
+
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
@@ -219,6 +227,7 @@ __all__ = [
     "DeadlineExceeded",
     "ErrorInterceptor",
     "FailedPrecondition",
+    "Internal",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",

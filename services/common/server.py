@@ -77,6 +77,9 @@ class GrpcServer:
         self._metrics = MetricsEndpoint(self.registry, settings.host, settings.metrics_port)
         self._ready = False
         self._started = False
+        self._after_start: list[Callable[[], Awaitable[None]]] = []
+        self._background: list[asyncio.Task[None]] = []
+        self.initially_ready = True
         self._stopped = asyncio.Event()
         self.port = 0
         self.metrics_port = 0
@@ -98,6 +101,10 @@ class GrpcServer:
     def add_http_route(self, path: str, app: WsgiApp) -> None:
         """Serve a WSGI app at ``path`` on the metrics port (beside ``/metrics``)."""
         self._metrics.add_route(path, app)
+
+    def after_start(self, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` in the background once serving (e.g. loading models); cancelled at stop."""
+        self._after_start.append(job)
 
     def on_close(self, closer: Closer) -> None:
         """Run ``closer`` after the server has stopped (pools, stores); last added, first run."""
@@ -125,8 +132,10 @@ class GrpcServer:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, *, ready: bool = True) -> None:
-        """Bind, start serving, and set health: alive, and ready if ``ready``."""
+    async def start(self, *, ready: bool | None = None) -> None:
+        """Bind, start serving, and set health: alive, and ready if ``ready`` (default: initially_ready)."""
+        if ready is None:
+            ready = self.initially_ready
         token = bind_service(self.service)
         try:
             reflection.enable_server_reflection(
@@ -147,6 +156,8 @@ class GrpcServer:
             await self._health.set("", _SERVING)
             await self._health.set(LIVENESS, _SERVING)
             await self.set_ready(ready)
+            loop = asyncio.get_running_loop()
+            self._background = [loop.create_task(self._run_job(job)) for job in self._after_start]
             log.info(
                 "server.started",
                 extra=fields(
@@ -157,6 +168,17 @@ class GrpcServer:
                     ready=ready,
                 ),
             )
+        finally:
+            reset_service(token)
+
+    async def _run_job(self, job: Callable[[], Awaitable[None]]) -> None:
+        token = bind_service(self.service)
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("server.background_job_failed")
         finally:
             reset_service(token)
 
@@ -180,6 +202,9 @@ class GrpcServer:
             grace = self.settings.grace_seconds
             log.info("server.stopping", extra=fields(grace_seconds=grace))
             await self._health.enter_graceful_shutdown()
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
             if self._started:
                 await self._server.stop(grace)
             for closer in reversed(self._closers):

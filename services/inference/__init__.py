@@ -1,6 +1,7 @@
-"""The inference service: the Open Inference Protocol over a supervised pool of model workers."""
+"""The inference service: the Open Inference Protocol over a supervised pool of model workers.
 
-from services.inference.app import build_server
-from services.inference.settings import InferenceSettings
+Import from the modules (``services.inference.app``, ``.settings``): worker processes import
+this package too, and must not pay for the gRPC server's imports.
+"""
 
-__all__ = ["InferenceSettings", "build_server"]
+__all__: list[str] = []

@@ -1,36 +1,84 @@
-"""Assembles the inference server from its settings."""
+"""Assembles the inference service: model manager, worker pools, and the two gRPC services."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from importlib import metadata
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from inference.v1 import worker_pool_pb2, worker_pool_pb2_grpc
 
 from services.common.server import GrpcServer
+from services.inference.admin import WorkerPoolServicer
+from services.inference.manager import ModelManager
+from services.inference.metrics import InferenceMetrics
+from services.inference.pool import PoolSettings
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 
 SERVICE = "inference"
 SERVER_NAME = "ml-platform-inference"
+EXTENSIONS = ("model_repository", "schedule_policy")
+# glibc's allocator makes multi-MiB message throughput erratic; a high mmap threshold keeps it steady.
+WORKER_ENV_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": "33554432", "OMP_NUM_THREADS": "1"}
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in WORKER_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    env.pop("OTEL_SERVICE_NAME", None)  # workers name themselves inference-worker
+    return env
 
 
 async def build_server(settings: InferenceSettings) -> GrpcServer:
     server = GrpcServer(settings, SERVICE)
-    servicer = InferenceServicer(  # type: ignore[abstract]  # model RPCs UNIMPLEMENTED for now
-        name=SERVER_NAME,
-        version=metadata.version("ml-platform"),
-        extensions=[],
-        is_ready=lambda: server.ready,
+    server.initially_ready = False  # ready once the models' workers are
+    metrics = InferenceMetrics(server.registry)
+    readiness: set[asyncio.Task[None]] = set()
+
+    def on_readiness(ready: bool) -> None:
+        task = asyncio.get_running_loop().create_task(server.set_ready(ready))
+        readiness.add(task)
+        task.add_done_callback(readiness.discard)
+
+    manager = ModelManager(
+        repository=settings.model_repository,
+        pool_settings=PoolSettings(
+            queue_limit=settings.queue_limit,
+            health_interval=settings.health_interval_seconds,
+            health_timeout=settings.health_timeout_seconds,
+            start_timeout=settings.worker_start_timeout_seconds,
+            stop_grace=settings.worker_stop_grace_seconds,
+            backoff=settings.restart_backoff_seconds,
+            backoff_max=settings.restart_backoff_max_seconds,
+            shm_threshold=settings.shm_threshold_bytes,
+            env=worker_env(),
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+        ),
+        metrics=metrics,
+        on_readiness=on_readiness,
+        start_timeout=settings.worker_start_timeout_seconds,
     )
+    server.after_start(manager.load_all)
+    server.on_close(manager.close)
     server.add_service(
         grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-        servicer,
+        InferenceServicer(
+            manager=manager,
+            name=SERVER_NAME,
+            version=metadata.version("ml-platform"),
+            extensions=EXTENSIONS,
+            default_timeout=settings.timeout_seconds,
+            is_ready=lambda: manager.ready,
+        ),
     )
     server.add_service(
         worker_pool_pb2.DESCRIPTOR.services_by_name["WorkerPoolService"],
         worker_pool_pb2_grpc.add_WorkerPoolServiceServicer_to_server,
-        worker_pool_pb2_grpc.WorkerPoolServiceServicer(),  # type: ignore[abstract]  # all UNIMPLEMENTED for now
+        WorkerPoolServicer(manager),
     )
     return server

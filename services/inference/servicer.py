@@ -1,23 +1,47 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol (KServe V2) endpoints.
 
-The server endpoints (live, ready, metadata) answer now; the model endpoints answer
-UNIMPLEMENTED (the generated base class) until the model repository and worker pool land.
+Thin: protobuf tensors are decoded and validated by :mod:`codec`, the model is resolved and
+run by :class:`ModelManager`, and the answer is encoded back (raw outputs whenever the request
+used raw inputs, as tritonclient expects).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
+from opentelemetry import propagate
+
+from services.common.errors import Internal, InvalidArgument, ServiceError
+from services.inference import codec
+from services.inference.manager import ModelManager
+
+DEADLINE_MARGIN_SECONDS = 0.005  # answer DEADLINE_EXCEEDED ourselves just before the client gives up
+
+
+def _traceparent() -> str:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Thin servicer: protobuf in, the inference core, protobuf out."""
-
-    def __init__(self, *, name: str, version: str, extensions: Sequence[str], is_ready: Callable[[], bool]):
+    def __init__(
+        self,
+        *,
+        manager: ModelManager,
+        name: str,
+        version: str,
+        extensions: Sequence[str],
+        default_timeout: float,
+        is_ready: Callable[[], bool],
+    ):
+        self._manager = manager
         self._metadata = pb.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
+        self._default_timeout = default_timeout
         self._is_ready = is_ready
 
     async def ServerLive(
@@ -34,3 +58,106 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return self._metadata
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._manager.model_ready(request.name, request.version))
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model, _ = self._manager.resolve(request.name, request.version)
+        config = self._manager.config(model)
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=sorted(model.pools, key=int),
+            platform=config.platform,
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+                for spec in config.inputs
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+                for spec in config.outputs
+            ],
+        )
+
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name is required", [("model_name", "must not be empty")])
+        model, pool = self._manager.resolve(request.model_name, request.model_version)
+        config = self._manager.config(model)
+        decoded = codec.decode_request(request, config.inputs)
+        codec.check_requested_outputs(decoded.requested_outputs, config.outputs)
+        timeout = config.timeout_seconds or self._default_timeout
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
+        result = await self._manager.infer(
+            pool,
+            decoded.inputs,
+            decoded.requested_outputs,
+            deadline=time.time() + max(0.0, timeout),
+            traceparent=_traceparent(),
+        )
+        try:
+            return codec.encode_response(
+                model_name=model.name,
+                model_version=pool.model_version,
+                request_id=decoded.id,
+                outputs=result.outputs,
+                specs=config.outputs,
+                requested=decoded.requested_outputs,
+                raw=decoded.raw,
+            )
+        except codec.ModelOutputError as error:
+            raise Internal(f"model {model.name} returned unusable outputs: {error}") from None
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's form: one answer per request, in order; a failure is an error_message, not the end."""
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request, context)
+            except ServiceError as error:
+                yield pb.ModelStreamInferResponse(error_message=f"{error.code.name}: {error.message}")
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        entries = self._manager.index()
+        if request.ready:
+            entries = [entry for entry in entries if entry.state == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=entry.name, version=entry.version, state=entry.state, reason=entry.reason
+                )
+                for entry in entries
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name is required", [("model_name", "must not be empty")])
+        await self._manager.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name is required", [("model_name", "must not be empty")])
+        await self._manager.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -15,4 +17,28 @@ class InferenceSettings(ServiceSettings):
     metrics_port: int = Field(default=9103, ge=0, le=65535, description="Prometheus /metrics HTTP port.")
     max_message_bytes: int = Field(
         default=128 * MiB, ge=1024, le=2**31 - 1, description="Largest gRPC message received or sent."
+    )
+    model_repository: Path = Field(default=Path("models"), description="Directory of the model repository.")
+    timeout_seconds: float = Field(
+        default=2.0, gt=0, le=600, description="Default deadline of one inference (a model's config may override)."
+    )
+    health_interval_seconds: float = Field(default=1.0, gt=0, le=60, description="How often each worker is pinged.")
+    health_timeout_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="A worker that does not answer a ping this fast is replaced."
+    )
+    queue_limit: int = Field(
+        default=64, ge=0, le=100_000, description="Requests that may wait per model version; more: RESOURCE_EXHAUSTED."
+    )
+    worker_start_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="How long a worker may take to load its model."
+    )
+    worker_stop_grace_seconds: float = Field(
+        default=2.0, ge=0, le=60, description="Between SIGTERM and SIGKILL when a worker is stopped."
+    )
+    restart_backoff_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="First delay before restarting a crashed worker; doubles per crash."
+    )
+    restart_backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600, description="Longest restart delay.")
+    shm_threshold_bytes: int = Field(
+        default=64 * 1024, ge=0, description="Tensors this large or larger go to workers through shared memory."
     )

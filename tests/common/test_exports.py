@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PACKAGES = ["services.common", "services.auth", "services.gateway", "services.inference"]
+PACKAGES = ["services.common", "services.auth", "services.gateway"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

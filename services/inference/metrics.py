@@ -1,0 +1,37 @@
+"""The inference service's own Prometheus metrics (beside the chassis' gRPC metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class InferenceMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(
+            "inference_requests_total",
+            "Inference requests by model, version and outcome (ok, invalid, timeout, unavailable, error, rejected).",
+            ["model", "version", "outcome"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "inference_request_seconds",
+            "Time from dispatch to answer of one inference, queueing included.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "inference_queue_depth", "Requests waiting for a free worker.", ["model"], registry=registry
+        )
+        self.workers = Gauge("inference_workers", "Workers by model and state.", ["model", "state"], registry=registry)
+        self.restarts = Counter(
+            "inference_worker_restarts_total",
+            "Workers replaced, by reason (crashed, unresponsive, timeout, cancelled, admin).",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.timeouts = Counter(
+            "inference_timeouts_total", "Inferences that ran past their deadline.", ["model"], registry=registry
+        )

@@ -1,0 +1,405 @@
+"""The supervised pool of worker processes serving one model version.
+
+Each worker slot has a supervising task that starts a process, waits for it to load the model,
+and starts a new one whenever it ends: a crash (exit), a failed health check (no answer to a
+ping within the timeout: hung or stopped), a request past its deadline or cancelled by its
+client (the process may be stuck in model code, so it is killed), or an operator's restart.
+Crashes back off exponentially, so a model that cannot stay up does not spin the machine.
+
+Dispatch: a request takes an idle ready worker (round robin among the idle ones), or waits in
+a bounded queue for the next one to come free; a full queue is RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.logs import fields
+from services.inference import ipc
+from services.inference.metrics import InferenceMetrics
+from services.inference.process import WorkerGone, WorkerProcess, WorkerSpec, WorkerStartError
+
+log = logging.getLogger(__name__)
+
+HEALTHY_RESET_SECONDS = 30.0  # a worker up this long clears the crash backoff
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    UNHEALTHY = "unhealthy"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    queue_limit: int
+    health_interval: float
+    health_timeout: float
+    start_timeout: float
+    stop_grace: float
+    backoff: float
+    backoff_max: float
+    shm_threshold: int
+    env: Mapping[str, str]
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHealth:
+    worker_id: str
+    model_name: str
+    model_version: str
+    state: WorkerState
+    pid: int
+    uptime_seconds: float
+    in_flight: int
+    requests_served: int
+    restarts: int
+    last_error: str
+    rss_bytes: int
+    started_at: float
+
+
+@dataclass
+class _Slot:
+    worker_id: str
+    state: WorkerState = WorkerState.STARTING
+    process: WorkerProcess | None = None
+    in_flight: int = 0
+    served: int = 0
+    restarts: int = 0
+    failures: int = 0  # consecutive crashes, for the backoff
+    last_error: str = ""
+    kill_reason: str = ""
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        model_version: str,
+        model_dir: Path,
+        workers: int,
+        settings: PoolSettings,
+        metrics: InferenceMetrics,
+        shm_prefix: str,
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        self.model_name = model_name
+        self.model_version = model_version
+        self._model_dir = model_dir
+        self._settings = settings
+        self._metrics = metrics
+        self._shm_prefix = shm_prefix
+        self._on_change = on_change
+        self._slots = [_Slot(f"{model_name}-v{model_version}-{index}") for index in range(workers)]
+        self._waiters: deque[asyncio.Future[_Slot]] = deque()
+        self._next = 0
+        self._stopping = False
+        self._health_task: asyncio.Task[None] | None = None
+        self._first_ready = asyncio.Event()
+        self._start_error = ""
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for slot in self._slots:
+            slot.task = loop.create_task(self._supervise(slot), name=f"supervise-{slot.worker_id}")
+        self._health_task = loop.create_task(self._health_loop(), name=f"health-{self.model_name}")
+
+    async def wait_ready(self, limit_seconds: float) -> bool:
+        """True once a worker is ready; False if none is within ``limit_seconds``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_ready.wait(), limit_seconds)
+        return self._first_ready.is_set()
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(slot.state in (WorkerState.READY, WorkerState.BUSY) for slot in self._slots)
+
+    @property
+    def last_error(self) -> str:
+        return next((slot.last_error for slot in self._slots if slot.last_error), "")
+
+    async def stop(self) -> None:
+        """Stop every worker (asking first, then SIGTERM/SIGKILL) and fail whoever still waits."""
+        self._stopping = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(Unavailable(f"model {self.model_name} is being unloaded"))
+        for slot in self._slots:
+            if slot.task is not None:
+                slot.task.cancel()
+        await asyncio.gather(
+            *(slot.process.shutdown(self._settings.stop_grace) for slot in self._slots if slot.process),
+            return_exceptions=True,
+        )
+        for slot in self._slots:
+            if slot.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await slot.task
+            self._set_state(slot, WorkerState.STOPPED)
+
+    # -- supervision ----------------------------------------------------------------------
+
+    def _set_state(self, slot: _Slot, state: WorkerState) -> None:
+        if slot.state is not state:
+            slot.state = state
+            self._on_change()
+
+    def _spec(self, slot: _Slot) -> WorkerSpec:
+        return WorkerSpec(
+            model_name=self.model_name,
+            model_version=self.model_version,
+            model_dir=self._model_dir,
+            worker_id=slot.worker_id,
+            shm_threshold=self._settings.shm_threshold,
+            shm_prefix=f"{self._shm_prefix}{slot.worker_id}-",
+            env=self._settings.env,
+            log_level=self._settings.log_level,
+            log_format=self._settings.log_format,
+        )
+
+    def _backoff(self, slot: _Slot) -> float:
+        if slot.failures == 0:
+            return 0.0
+        return float(min(self._settings.backoff * 2.0 ** (slot.failures - 1), self._settings.backoff_max))
+
+    async def _supervise(self, slot: _Slot) -> None:
+        while not self._stopping:
+            delay = self._backoff(slot)
+            if delay:
+                self._set_state(slot, WorkerState.RESTARTING)
+                log.info("worker.restart_delayed", extra=fields(worker_id=slot.worker_id, delay_seconds=delay))
+                await asyncio.sleep(delay)
+            process = WorkerProcess(self._spec(slot))
+            slot.process = process
+            slot.kill_reason = ""
+            self._set_state(slot, WorkerState.STARTING)
+            try:
+                await process.start(self._settings.start_timeout)
+            except WorkerStartError as error:
+                slot.failures += 1
+                slot.last_error = f"load failed: {error}"
+                self._start_error = slot.last_error
+                self._metrics.restarts.labels(self.model_name, "load_failed").inc()
+                self._set_state(slot, WorkerState.UNHEALTHY)
+                continue
+            ready_at = time.monotonic()
+            self._set_state(slot, WorkerState.READY)
+            self._first_ready.set()
+            self._hand_over(slot)
+            await process.exited.wait()
+            if self._stopping:
+                break
+            reason = slot.kill_reason or "crashed"
+            if reason in ("crashed", "unresponsive"):
+                slot.failures = 0 if time.monotonic() - ready_at > HEALTHY_RESET_SECONDS else slot.failures + 1
+            if reason == "crashed":
+                slot.last_error = f"exited with code {process.exit_code}"
+                log.warning(
+                    "worker.exited",
+                    extra=fields(worker_id=slot.worker_id, pid=process.pid, exit_code=process.exit_code),
+                )
+            slot.restarts += 1
+            slot.in_flight = 0
+            self._metrics.restarts.labels(self.model_name, reason).inc()
+            self._set_state(slot, WorkerState.RESTARTING)
+            log.info("worker.restarting", extra=fields(worker_id=slot.worker_id, reason=reason, restarts=slot.restarts))
+            await process.close()
+
+    async def _replace(self, slot: _Slot, reason: str, error: str) -> None:
+        """Kill the slot's process; its supervisor starts a new one."""
+        process = slot.process
+        if process is None or slot.kill_reason:
+            return
+        slot.kill_reason = reason
+        slot.last_error = error
+        self._set_state(slot, WorkerState.UNHEALTHY)
+        await process.kill(reason, grace=min(self._settings.stop_grace, 0.2))
+
+    async def restart(self, worker_id: str) -> bool:
+        """An operator's restart; False if there is no such worker."""
+        for slot in self._slots:
+            if slot.worker_id == worker_id:
+                await self._replace(slot, "admin", "restarted by an operator")
+                return True
+        return False
+
+    async def _health_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._settings.health_interval)
+            await asyncio.gather(
+                *(
+                    self._check(slot)
+                    for slot in self._slots
+                    if slot.process is not None and slot.state in (WorkerState.READY, WorkerState.BUSY)
+                )
+            )
+
+    async def _check(self, slot: _Slot) -> None:
+        process = slot.process
+        if process is None:
+            return
+        try:
+            await process.ping(self._settings.health_timeout)
+        except (TimeoutError, WorkerGone):
+            if process is not slot.process or slot.kill_reason or self._stopping:
+                return
+            log.warning("worker.unresponsive", extra=fields(worker_id=slot.worker_id, pid=process.pid))
+            await self._replace(
+                slot, "unresponsive", f"did not answer a health check within {self._settings.health_timeout:g}s"
+            )
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def _idle(self) -> _Slot | None:
+        count = len(self._slots)
+        for offset in range(count):
+            slot = self._slots[(self._next + offset) % count]
+            if slot.state is WorkerState.READY and slot.in_flight == 0:
+                self._next = (self._next + offset + 1) % count
+                return slot
+        return None
+
+    def _hand_over(self, slot: _Slot) -> None:
+        """Give a free worker to the longest-waiting request, if any."""
+        while self._waiters and slot.state is WorkerState.READY and slot.in_flight == 0:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                slot.in_flight = 1
+                waiter.set_result(slot)
+                return
+
+    async def _acquire(self, deadline: float) -> _Slot:
+        slot = self._idle()
+        if slot is not None:
+            slot.in_flight = 1
+            return slot
+        if len(self._waiters) >= self._settings.queue_limit:
+            raise ResourceExhausted(
+                f"model {self.model_name} has {len(self._waiters)} requests waiting; retry shortly",
+                retry_after_seconds=0.5,
+            )
+        if (
+            self.ready_workers == 0
+            and self._start_error
+            and all(s.state is not WorkerState.STARTING for s in self._slots)
+        ):
+            raise Unavailable(
+                f"model {self.model_name} has no ready worker: {self._start_error}", retry_after_seconds=1
+            )
+        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        gauge = self._metrics.queue_depth.labels(self.model_name)
+        gauge.inc()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - time.time()))
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())  # a worker came free just as we gave up
+            raise DeadlineExceeded(f"no worker of model {self.model_name} came free before the deadline") from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())
+            raise
+        finally:
+            gauge.dec()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            if not waiter.done():
+                waiter.cancel()
+
+    def _release(self, slot: _Slot) -> None:
+        slot.in_flight = 0
+        if slot.state is WorkerState.BUSY:
+            self._set_state(slot, WorkerState.READY)
+        self._hand_over(slot)
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str], *, deadline: float, traceparent: str
+    ) -> ipc.InferResult:
+        """Run one inference on a worker of this pool, within ``deadline`` (unix seconds)."""
+        slot = await self._acquire(deadline)
+        process = slot.process
+        if process is None:
+            self._release(slot)
+            raise Unavailable(f"model {self.model_name} lost its worker")
+        self._set_state(slot, WorkerState.BUSY)
+        try:
+            result = await process.infer(inputs, outputs, deadline=deadline, traceparent=traceparent)
+        except TimeoutError:
+            self._metrics.timeouts.labels(self.model_name).inc()
+            await asyncio.shield(self._replace(slot, "timeout", "an inference ran past its deadline"))
+            raise DeadlineExceeded(f"model {self.model_name} did not answer before the deadline") from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._replace(slot, "cancelled", "the client cancelled an inference"))
+            raise
+        except WorkerGone:
+            raise Unavailable(
+                f"the worker serving model {self.model_name} exited during the request; retry", retry_after_seconds=1
+            ) from None
+        else:
+            self._release(slot)
+        if isinstance(result, ipc.InferResult):
+            slot.served += 1
+        if isinstance(result, ipc.Failure):
+            if result.code == "DEADLINE_EXCEEDED":
+                raise DeadlineExceeded(result.message)
+            if result.code == "INVALID_ARGUMENT":
+                raise InvalidArgument(result.message, [("inputs", result.message)])
+            raise Internal(f"model {self.model_name}: {result.message}")
+        return result
+
+    # -- views ----------------------------------------------------------------------------
+
+    def health(self) -> list[WorkerHealth]:
+        now = time.time()
+        views = []
+        for slot in self._slots:
+            process = slot.process
+            alive = process is not None and process.alive
+            views.append(
+                WorkerHealth(
+                    worker_id=slot.worker_id,
+                    model_name=self.model_name,
+                    model_version=self.model_version,
+                    state=slot.state,
+                    pid=process.pid if alive and process else 0,
+                    uptime_seconds=max(0.0, now - process.started_at) if alive and process else 0.0,
+                    in_flight=slot.in_flight,
+                    requests_served=slot.served,
+                    restarts=slot.restarts,
+                    last_error=slot.last_error,
+                    rss_bytes=process.rss_bytes if alive and process else 0,
+                    started_at=process.started_at if alive and process else 0.0,
+                )
+            )
+        return views
+
+    def states(self) -> dict[WorkerState, int]:
+        counts = dict.fromkeys(WorkerState, 0)
+        for slot in self._slots:
+            counts[slot.state] += 1
+        return counts

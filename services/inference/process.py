@@ -1,0 +1,247 @@
+"""One worker process as the supervisor sees it: start, talk, ping, stop.
+
+The process is started with ``subprocess`` (never forked from this gRPC process) running
+``python -m services.inference.worker``, with two pipes passed by file descriptor. A reader
+task routes every answer to the future of the request it answers; when the pipe closes (the
+process died), every pending request fails with :class:`WorkerGone`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.common.logs import fields
+from services.inference import ipc
+
+log = logging.getLogger(__name__)
+
+
+class WorkerGone(Exception):
+    """The worker process exited or its pipe broke while a request was pending."""
+
+
+class WorkerStartError(Exception):
+    """The worker could not load its model (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker process serves and how it talks."""
+
+    model_name: str
+    model_version: str
+    model_dir: Path
+    worker_id: str
+    shm_threshold: int
+    shm_prefix: str
+    env: Mapping[str, str]
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+
+class WorkerProcess:
+    """A started worker process and its pipes. Not restartable: the pool makes a new one."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.pid = 0
+        self.started_at = 0.0
+        self.requests_served = 0
+        self.rss_bytes = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: ipc.FrameReader | None = None
+        self._writer: ipc.FrameWriter | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._read_task: asyncio.Task[None] | None = None
+        self.exited = asyncio.Event()
+        self.exit_code: int | None = None
+
+    async def start(self, limit_seconds: float) -> None:
+        """Spawn the process and wait until it reports its model loaded (or failed to)."""
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        command = [
+            sys.executable,
+            "-m",
+            "services.inference.worker",
+            "--read-fd",
+            str(to_worker_r),
+            "--write-fd",
+            str(from_worker_w),
+            "--model-dir",
+            str(self.spec.model_dir),
+            "--version",
+            self.spec.model_version,
+            "--worker-id",
+            self.spec.worker_id,
+            "--shm-threshold",
+            str(self.spec.shm_threshold),
+            "--shm-prefix",
+            self.spec.shm_prefix,
+            "--log-level",
+            self.spec.log_level,
+            "--log-format",
+            self.spec.log_format,
+        ]
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *command,
+                pass_fds=(to_worker_r, from_worker_w),
+                env=dict(self.spec.env),
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        finally:
+            os.close(to_worker_r)
+            os.close(from_worker_w)
+        self.pid = self._process.pid
+        self.started_at = time.time()
+        self._reader, self._writer = await ipc.open_pipes(from_worker_r, to_worker_w, shm_prefix=self.spec.shm_prefix)
+        log.info(
+            "worker.started",
+            extra=fields(
+                worker_id=self.spec.worker_id, pid=self.pid, model=self.spec.model_name, version=self.spec.model_version
+            ),
+        )
+        try:
+            first = await asyncio.wait_for(self._reader.read(), limit_seconds)
+        except (TimeoutError, EOFError) as error:
+            await self.kill("start_failed")
+            raise WorkerStartError(
+                "the worker exited while loading the model"
+                if isinstance(error, EOFError)
+                else f"the model did not load within {limit_seconds:g}s"
+            ) from None
+        if isinstance(first, ipc.LoadFailed):
+            await self.kill("load_failed")
+            raise WorkerStartError(first.message)
+        if not isinstance(first, ipc.Ready):
+            await self.kill("protocol")
+            raise WorkerStartError(f"unexpected first message {type(first).__name__}")
+        self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
+        asyncio.get_running_loop().create_task(self._watch_exit())
+
+    async def _read_loop(self) -> None:
+        reader = self._reader
+        if reader is None:
+            return
+        try:
+            while True:
+                message = await reader.read()
+                request_id = getattr(message, "request_id", 0)
+                future = self._pending.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except (EOFError, OSError, ValueError):
+            pass
+        finally:
+            self._fail_pending(WorkerGone("the worker process exited"))
+
+    async def _watch_exit(self) -> None:
+        if self._process is not None:
+            self.exit_code = await self._process.wait()
+        self.exited.set()
+
+    def _fail_pending(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None and not self.exited.is_set()
+
+    async def _call(self, message: Any, request_id: int, limit_seconds: float | None) -> Any:
+        if not self.alive or self._writer is None:
+            raise WorkerGone("the worker process is not running")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            frame = ipc.encode(message, shm_threshold=self.spec.shm_threshold, shm_prefix=self.spec.shm_prefix)
+            self._writer.write(frame)
+            await self._writer.drain()
+        except (OSError, ConnectionError, RuntimeError) as error:
+            self._pending.pop(request_id, None)
+            raise WorkerGone(f"cannot write to the worker: {type(error).__name__}") from None
+        try:
+            return await asyncio.wait_for(future, limit_seconds)
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str], *, deadline: float, traceparent: str
+    ) -> ipc.InferResult | ipc.Failure:
+        """Run one inference; TimeoutError when the deadline passes (the caller kills the worker)."""
+        request_id = next(self._ids)
+        call = ipc.InferCall(request_id, traceparent, inputs, outputs, deadline)
+        result = await self._call(call, request_id, max(0.0, deadline - time.time()))
+        if isinstance(result, ipc.InferResult):
+            self.requests_served += 1
+        return result  # type: ignore[no-any-return]
+
+    async def ping(self, limit_seconds: float) -> ipc.Pong:
+        request_id = next(self._ids)
+        pong = await self._call(ipc.Ping(request_id), request_id, limit_seconds)
+        self.rss_bytes = pong.rss_bytes
+        return pong  # type: ignore[no-any-return]
+
+    async def kill(self, reason: str, grace: float = 0.0) -> None:
+        """Stop the process: SIGTERM, then SIGKILL after ``grace`` seconds (0 = at once)."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            if grace > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+                    process.terminate()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), grace)
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            await process.wait()
+            log.info(
+                "worker.killed",
+                extra=fields(worker_id=self.spec.worker_id, pid=self.pid, reason=reason, exit_code=process.returncode),
+            )
+        self._fail_pending(WorkerGone(f"the worker was stopped ({reason})"))
+        await self.close()
+
+    async def shutdown(self, grace: float) -> None:
+        """Ask the worker to finish and exit; kill it if it does not within ``grace``."""
+        if self.alive and self._writer is not None:
+            with contextlib.suppress(OSError, ConnectionError, RuntimeError):
+                self._writer.write(ipc.encode(ipc.Shutdown(), shm_threshold=0, shm_prefix=self.spec.shm_prefix))
+                await self._writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), grace)
+        await self.kill("shutdown", grace=grace)
+
+    async def close(self) -> None:
+        if self._read_task is not None:
+            self._read_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._read_task
+            self._read_task = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        ipc.sweep_segments(self.spec.shm_prefix)

@@ -1,0 +1,95 @@
+"""What every runtime provides, and the output conversion they share.
+
+A runtime runs inside a worker process (never in the gRPC server process) and serves one
+model version::
+
+    runtime = create_runtime(config.runtime)
+    runtime.load(version_dir, config)      # raises if the version cannot be served
+    outputs = runtime.predict(inputs)      # {input name: array} -> {output name: array}
+    runtime.unload()
+
+``predict`` receives inputs already checked against ``config.inputs`` (every declared input,
+declared dtype and shape; BYTES = numpy object arrays of ``bytes``) and returns every declared
+output with its declared dtype. It raises :class:`ModelError` when the model fails, which the
+caller turns into INTERNAL for that request only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from services.inference.repository import ModelConfig, TensorSpec
+
+
+class ModelError(Exception):
+    """The model (its artifact or its code) failed to load or to predict."""
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    def load(self, version_dir: Path, config: ModelConfig) -> None:
+        """Load the artifact of ``version_dir``; ModelError if it cannot be served."""
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model; ModelError if it fails."""
+
+    def unload(self) -> None:
+        """Release the model; calling it twice is harmless."""
+
+
+def _to_bytes(item: object) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    if isinstance(item, bytearray | memoryview | np.bytes_):
+        return bytes(item)
+    raise TypeError(f"{type(item).__name__} is not bytes or str")
+
+
+def as_bytes_array(value: object) -> np.ndarray:
+    """An object array of ``bytes`` from bytes, str (UTF-8 encoded) or arrays of them."""
+    array = np.asarray(value, dtype=object)
+    result = np.empty(array.shape, dtype=object)
+    for index, item in np.ndenumerate(array):
+        result[index] = _to_bytes(item)
+    return result
+
+
+def cast_output(spec: TensorSpec, value: object) -> np.ndarray:
+    """``value`` as an array of the declared datatype and shape; ModelError if it does not fit.
+
+    Numeric casts must stay within the same kind or go to a wider one (float64 -> FP32 is fine,
+    float -> INT64 is not: a model that returns fractions for an integer output is wrong).
+    """
+    try:
+        if spec.datatype == "BYTES":
+            array = as_bytes_array(value)
+        else:
+            array = np.asarray(value)
+            if array.dtype == object:
+                raise TypeError("an object array for a numeric output")
+            array = array.astype(spec.dtype, casting="same_kind", copy=False)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"output {spec.name}: cannot be returned as {spec.datatype}: {error}") from error
+    if not spec.accepts_shape(array.shape):
+        raise ModelError(
+            f"output {spec.name}: shape {list(array.shape)} does not match the declared {list(spec.shape)}"
+        )
+    return array
+
+
+def cast_outputs(config: ModelConfig, values: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Every declared output of ``config`` from ``values``, cast; ModelError if one is missing or extra."""
+    declared = {spec.name for spec in config.outputs}
+    if not isinstance(values, Mapping):
+        raise ModelError(f"the model returned {type(values).__name__}, not a mapping of output name to array")
+    missing = sorted(declared - set(values))
+    extra = sorted(str(name) for name in set(values) - declared)
+    if missing or extra:
+        raise ModelError(f"the model's outputs do not match the config: missing {missing}, undeclared {extra}")
+    return {spec.name: cast_output(spec, values[spec.name]) for spec in config.outputs}

@@ -1,0 +1,183 @@
+"""Supervision of real worker processes: crashes, hangs, deadlines, dispatch, health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+from inference.v1 import worker_pool_pb2 as admin_pb
+
+from services.inference import codec
+from tests.inference.conftest import eventually_async
+from tests.rpc import rpc_error
+
+
+def echo_request(value: float = 1.0, model: str = "echo"):
+    return codec.make_infer_request(model, {"INPUT0": ("FP32", np.full((1, 1), value, dtype=np.float32))})
+
+
+def is_worker_process(pid: int) -> bool:
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return cmdline.exists() and b"services.inference.worker" in cmdline.read_bytes()
+
+
+async def test_worker_health_shows_real_processes(start_inference):
+    inference = await start_inference(["echo", "iris"])
+    workers = await inference.workers()
+    assert {w.model_name for w in workers} == {"echo", "iris"}
+    for worker in workers:
+        assert worker.state == admin_pb.WORKER_STATE_READY
+        assert worker.pid != os.getpid()
+        assert is_worker_process(worker.pid)
+        assert worker.uptime_seconds >= 0
+        assert worker.rss_bytes >= 0
+    only_echo = await inference.workers("echo")
+    assert {w.model_name for w in only_echo} == {"echo"}
+
+
+async def test_sigkilled_worker_is_replaced(start_inference):
+    inference = await start_inference(["echo"])
+    [before] = await inference.workers("echo")
+    os.kill(before.pid, signal.SIGKILL)
+
+    async def replaced():
+        [now] = await inference.workers("echo")
+        return now if now.pid not in (0, before.pid) and now.state == admin_pb.WORKER_STATE_READY else None
+
+    after = await eventually_async(replaced, within=30)
+    assert after.restarts == 1
+    assert "exited" in after.last_error
+    assert (await inference.stub.ModelInfer(echo_request(3.0), timeout=10)).outputs
+
+
+async def test_stopped_worker_is_detected_and_replaced(start_inference):
+    inference = await start_inference(["echo"])
+    [before] = await inference.workers("echo")
+    os.kill(before.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+
+        async def replaced():
+            [now] = await inference.workers("echo")
+            return now if now.pid not in (0, before.pid) and now.state == admin_pb.WORKER_STATE_READY else None
+
+        after = await eventually_async(replaced, within=30)
+    finally:
+        if is_worker_process(before.pid):
+            os.kill(before.pid, signal.SIGKILL)
+    assert "health check" in after.last_error
+    assert not is_worker_process(before.pid)
+    detected = time.monotonic() - started
+    assert detected < 30
+    assert (await inference.stub.ModelInfer(echo_request(), timeout=10)).outputs
+
+
+async def test_deadline_kills_the_stuck_worker_and_a_fresh_one_serves_next(start_inference):
+    inference = await start_inference(["sleepy"], timeout_seconds=0.5)
+    [before] = await inference.workers("sleepy")
+    started = time.monotonic()
+    error = await rpc_error(inference.stub.ModelInfer(echo_request(30.0, "sleepy"), timeout=10))
+    elapsed = time.monotonic() - started
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 0.5 + 0.5  # the model would sleep 30 s: the server's deadline cut it short
+    answer = await inference.stub.ModelInfer(echo_request(0.0, "sleepy"), timeout=30)
+    assert codec.response_arrays(answer)["OUTPUT0"].tolist() == [[0.0]]
+    [after] = await inference.workers("sleepy")
+    assert after.pid != before.pid
+    assert after.restarts == 1
+    assert not is_worker_process(before.pid)
+
+
+async def test_client_deadline_shorter_than_the_default_is_honoured(start_inference):
+    inference = await start_inference(["sleepy"])
+    started = time.monotonic()
+    error = await rpc_error(inference.stub.ModelInfer(echo_request(30.0, "sleepy"), timeout=0.3))
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 0.3 + 0.5
+
+    async def replaced():
+        [now] = await inference.workers("sleepy")
+        return now.restarts == 1 and now.state == admin_pb.WORKER_STATE_READY
+
+    await eventually_async(replaced, within=30)
+
+
+async def test_model_error_is_internal_and_the_worker_lives_on(start_inference):
+    inference = await start_inference(["crashy"])
+    [before] = await inference.workers("crashy")
+    request = codec.make_infer_request("crashy", {"INPUT0": ("INT32", np.array([1], dtype=np.int32))})
+    error = await rpc_error(inference.stub.ModelInfer(request, timeout=10))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "RuntimeError" in error.details()
+    ok = codec.make_infer_request("crashy", {"INPUT0": ("INT32", np.array([7], dtype=np.int32))})
+    assert codec.response_arrays(await inference.stub.ModelInfer(ok, timeout=10))["OUTPUT0"].tolist() == [7]
+    [after] = await inference.workers("crashy")
+    assert after.pid == before.pid
+
+
+async def test_worker_dying_mid_request_is_unavailable_and_replaced(start_inference):
+    inference = await start_inference(["crashy"])
+    [before] = await inference.workers("crashy")
+    request = codec.make_infer_request("crashy", {"INPUT0": ("INT32", np.array([2], dtype=np.int32))})
+    error = await rpc_error(inference.stub.ModelInfer(request, timeout=10))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def replaced():
+        [now] = await inference.workers("crashy")
+        return now.pid not in (0, before.pid) and now.state == admin_pb.WORKER_STATE_READY
+
+    await eventually_async(replaced, within=30)
+    ok = codec.make_infer_request("crashy", {"INPUT0": ("INT32", np.array([5], dtype=np.int32))})
+    assert (await inference.stub.ModelInfer(ok, timeout=10)).outputs
+
+
+async def test_concurrent_requests_are_spread_over_workers(start_inference):
+    inference = await start_inference(["sleepy2"])
+    await asyncio.gather(*(inference.stub.ModelInfer(echo_request(0.2, "sleepy2"), timeout=20) for _ in range(6)))
+    served = [w.requests_served for w in await inference.workers("sleepy2")]
+    assert len(served) == 2
+    assert all(count >= 1 for count in served), served
+    assert sum(served) == 6
+
+
+async def test_full_queue_is_resource_exhausted(start_inference):
+    inference = await start_inference(["sleepy"], queue_limit=1)
+    calls = [inference.stub.ModelInfer(echo_request(0.5, "sleepy"), timeout=20) for _ in range(4)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert any(not isinstance(r, BaseException) for r in results)
+
+
+async def test_admin_restart_replaces_a_worker(start_inference):
+    inference = await start_inference(["echo"])
+    [before] = await inference.workers("echo")
+    answer = await inference.admin.RestartWorker(admin_pb.RestartWorkerRequest(worker_id=before.worker_id), timeout=10)
+    assert answer.worker.worker_id == before.worker_id
+
+    async def replaced():
+        [now] = await inference.workers("echo")
+        return now.pid not in (0, before.pid) and now.state == admin_pb.WORKER_STATE_READY
+
+    await eventually_async(replaced, within=30)
+    missing = await rpc_error(inference.admin.RestartWorker(admin_pb.RestartWorkerRequest(worker_id="nope"), timeout=5))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_readiness_follows_the_workers(start_inference):
+    inference = await start_inference(["echo"], restart_backoff_seconds=2.0)
+    assert await inference.readiness() == health_pb2.HealthCheckResponse.SERVING
+    [worker] = await inference.workers("echo")
+    os.kill(worker.pid, signal.SIGKILL)
+
+    async def not_ready():
+        return await inference.readiness() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    await eventually_async(not_ready, within=10)
+    await inference.wait_ready(within=30)

@@ -1,0 +1,8 @@
+"""OUTPUT0 = INPUT0."""
+
+import numpy as np
+
+
+class Model:
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"OUTPUT0": inputs["INPUT0"]}
