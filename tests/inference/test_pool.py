@@ -86,6 +86,12 @@ async def test_deadline_kills_the_stuck_worker_and_a_fresh_one_serves_next(start
     elapsed = time.monotonic() - started
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 0.5 + 0.5  # the model would sleep 30 s: the server's deadline cut it short
+
+    async def replaced():
+        [now] = await inference.workers("sleepy")
+        return now.pid not in (0, before.pid) and now.state == admin_pb.WORKER_STATE_READY
+
+    await eventually_async(replaced, within=30)
     answer = await inference.stub.ModelInfer(echo_request(0.0, "sleepy"), timeout=30)
     assert codec.response_arrays(answer)["OUTPUT0"].tolist() == [[0.0]]
     [after] = await inference.workers("sleepy")
