@@ -347,6 +347,8 @@ class WorkerPool:
             self._release(slot)
             raise Unavailable(f"model {self.model_name} lost its worker")
         self._set_state(slot, WorkerState.BUSY)
+        sent = time.perf_counter()
+        log.debug("worker.request_sent", extra=fields(worker_id=slot.worker_id, pid=process.pid))
         try:
             result = await process.infer(inputs, outputs, deadline=deadline, traceparent=traceparent)
         except TimeoutError:
@@ -362,6 +364,16 @@ class WorkerPool:
             ) from None
         else:
             self._release(slot)
+        log.info(
+            "worker.response_received",
+            extra=fields(
+                worker_id=slot.worker_id,
+                model=self.model_name,
+                version=self.model_version,
+                outcome="ok" if isinstance(result, ipc.InferResult) else result.code,
+                latency_ms=round((time.perf_counter() - sent) * 1000, 3),
+            ),
+        )
         if isinstance(result, ipc.InferResult):
             slot.served += 1
         if isinstance(result, ipc.Failure):

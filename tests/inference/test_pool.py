@@ -187,3 +187,49 @@ async def test_readiness_follows_the_workers(start_inference):
 
     await eventually_async(not_ready, within=10)
     await inference.wait_ready(within=30)
+
+
+async def test_a_cancelled_request_frees_its_worker(start_inference):
+    inference = await start_inference(["sleepy"])
+    [before] = await inference.workers("sleepy")
+    call = inference.stub.ModelInfer(echo_request(30.0, "sleepy"), timeout=20)
+
+    async def busy():
+        [now] = await inference.workers("sleepy")
+        return now.state == admin_pb.WORKER_STATE_BUSY
+
+    await eventually_async(busy, within=10)
+    call.cancel()
+
+    async def replaced():
+        [now] = await inference.workers("sleepy")
+        return now.pid not in (0, before.pid) and now.state == admin_pb.WORKER_STATE_READY
+
+    await eventually_async(replaced, within=30)
+    [after] = await inference.workers("sleepy")
+    assert "cancelled" in after.last_error
+    assert (await inference.stub.ModelInfer(echo_request(0.0, "sleepy"), timeout=10)).outputs
+
+
+async def test_request_logs_and_metrics(start_inference, logs):
+    import urllib.request
+
+    inference = await start_inference(["echo"])
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4736"
+    await inference.stub.ModelInfer(
+        echo_request(2.0), timeout=10, metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+    )
+    [received] = [line for line in logs.events("worker.response_received") if line["trace_id"] == trace_id]
+    assert received["latency_ms"] > 0
+    assert received["worker_id"] == "echo-v1-0"
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{inference.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+    text = await asyncio.to_thread(scrape)
+    assert 'inference_requests_total{model="echo",outcome="ok",version="1"} 1.0' in text
+    assert 'inference_workers{model="echo",state="ready"} 1.0' in text
+    assert 'inference_request_seconds_count{model="echo"} 1.0' in text
+    assert "inference_queue_depth" in text
