@@ -32,6 +32,8 @@ def main() -> int:
     for name, prefix in SERVICES:
         env = dict(os.environ)
         env.setdefault(f"{prefix}LOG_FORMAT", "console")
+        if name == "auth":  # the gateway forwards callers' IPs from loopback
+            env.setdefault("AUTH_TRUSTED_PROXIES", '["127.0.0.1/32", "::1/128"]')
         children.append((name, subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env)))  # noqa: S603
 
     failed: list[str] = []

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -63,6 +64,14 @@ async def start_service(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable
         settings_cls, build = SERVICES[name]
         if name == "auth":
             overrides = {"data_dir": tmp_path / f"auth-{len(started)}", "hash_profile": "development", **overrides}
+        if name == "gateway" and "auth_target" not in overrides:
+            auth, inference = await start("auth"), await start("inference")
+            overrides = {
+                "auth_target": f"dns:///127.0.0.1:{auth.port}",
+                "inference_target": f"dns:///127.0.0.1:{inference.port}",
+                "upstream_check_interval_seconds": 0.2,
+                **overrides,
+            }
         if name == "inference":
             overrides.setdefault("model_repository", tmp_path / f"models-{len(started)}")
             await asyncio.to_thread(Path(overrides["model_repository"]).mkdir, parents=True, exist_ok=True)
@@ -130,3 +139,16 @@ def grpcurl() -> str:
     path = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
     assert path, "grpcurl not found: run `make setup`"
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """iris and digits, trained once per test session by the real `make models` code."""
+    target = tmp_path_factory.mktemp("demo-models")
+    subprocess.run(
+        [sys.executable, "-m", "services.inference.make_models", "--repository", str(target)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target

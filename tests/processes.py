@@ -102,6 +102,8 @@ def start_service(name: str, workdir: Path, **settings: str) -> ServiceProcess:
         started = service.wait_for_event("server.started")
         if name == "inference":
             service.wait_for_event("inference.readiness")
+        if name == "gateway":
+            service.wait_for_event("gateway.upstreams")
     except BaseException:
         service.stop()
         raise

@@ -20,18 +20,9 @@ from google.protobuf import timestamp_pb2
 from services.auth.core import AuthCore, Caller, TokenPair
 from services.auth.store import AuditEvent, AuditQuery
 from services.common.errors import InvalidArgument
+from services.common.peer import peer_ip
 
 _EVENT_PREFIX = "AUDIT_EVENT_TYPE_"
-
-
-def peer_ip(peer: str) -> str:
-    """The IP of a gRPC peer string such as ``ipv4:10.0.0.1:5000`` or ``ipv6:[::1]:5000``."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
-    return kind  # unix sockets and the like: no IP
 
 
 class ClientIdentity:

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Sequence
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry
 
 from services.common.errors import DeadlineExceeded
 from services.common.metrics import ClientMetricsInterceptor
@@ -66,7 +65,7 @@ def create_channel(
     *,
     max_message_bytes: int,
     tracer_provider: TracerProvider,
-    registry: CollectorRegistry,
+    client_metrics: ClientMetricsInterceptor,
     idempotent_methods: Sequence[tuple[str, str]] = (),
 ) -> grpc.aio.Channel:
     """An insecure aio channel to ``target`` with tracing and client metrics interceptors.
@@ -74,7 +73,7 @@ def create_channel(
     Use ``dns:///host:port`` targets so that every address behind a name (a Kubernetes headless
     Service) gets traffic through round-robin balancing.
     """
-    interceptors = [*aio_client_interceptors(tracer_provider=tracer_provider), ClientMetricsInterceptor(registry)]
+    interceptors = [*aio_client_interceptors(tracer_provider=tracer_provider), client_metrics]
     return grpc.aio.insecure_channel(
         target, options=channel_options(max_message_bytes, idempotent_methods), interceptors=interceptors
     )

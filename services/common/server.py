@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from services.common.client import create_channel
 from services.common.errors import ErrorInterceptor
 from services.common.logs import bind_service, fields, reset_service
-from services.common.metrics import MetricsEndpoint, ServerMetricsInterceptor, WsgiApp
+from services.common.metrics import ClientMetricsInterceptor, MetricsEndpoint, ServerMetricsInterceptor, WsgiApp
 from services.common.request_log import RequestLogInterceptor
 from services.common.settings import ServiceSettings
 from services.common.telemetry import create_tracer_provider
@@ -78,6 +78,7 @@ class GrpcServer:
         self._ready = False
         self._started = False
         self._after_start: list[Callable[[], Awaitable[None]]] = []
+        self._client_metrics: ClientMetricsInterceptor | None = None
         self._background: list[asyncio.Task[None]] = []
         self.initially_ready = True
         self._stopped = asyncio.Event()
@@ -112,11 +113,13 @@ class GrpcServer:
 
     def connect(self, target: str, idempotent_methods: Sequence[tuple[str, str]] = ()) -> grpc.aio.Channel:
         """A channel to another service, traced and measured, closed at shutdown."""
+        if self._client_metrics is None:  # registered once, on the first channel
+            self._client_metrics = ClientMetricsInterceptor(self.registry)
         channel = create_channel(
             target,
             max_message_bytes=self.settings.max_message_bytes,
             tracer_provider=self.tracer_provider,
-            registry=self.registry,
+            client_metrics=self._client_metrics,
             idempotent_methods=idempotent_methods,
         )
 

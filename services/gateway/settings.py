@@ -12,7 +12,9 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
 
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 picks a free port).")
-    metrics_port: int = Field(default=9101, ge=0, le=65535, description="Prometheus /metrics HTTP port.")
+    metrics_port: int = Field(
+        default=9101, ge=0, le=65535, description="HTTP port of /metrics and /internal/ml/health."
+    )
     max_message_bytes: int = Field(
         default=128 * MiB, ge=1024, le=2**31 - 1, description="Largest gRPC message received or sent."
     )
@@ -21,4 +23,21 @@ class GatewaySettings(ServiceSettings):
     )
     inference_target: str = Field(
         default="dns:///127.0.0.1:50053", min_length=1, description="gRPC target of the inference service."
+    )
+    token_cache_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=5,
+        description="How long a validated token is trusted without asking auth again: the longest a revoked "
+        "session can still pass (0 = ask every time).",
+    )
+    token_cache_size: int = Field(default=10_000, ge=0, description="Most validated tokens kept in the cache.")
+    upstream_check_interval_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often auth and inference health (and worker health) are checked."
+    )
+    inference_passthrough: bool = Field(
+        default=True, description="Forward inference messages as raw bytes (false: decode and re-encode them)."
+    )
+    stream_concurrency: int = Field(
+        default=8, ge=1, le=256, description="StreamInfer requests of one stream in flight at once."
     )

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +26,6 @@ from tests.conftest import REPO
 
 TEST_MODELS = REPO / "tests" / "testdata" / "models"
 CLIENTS_PYTHON = REPO / ".venv-clients" / "bin" / "python"
-
-
-@pytest.fixture(scope="session")
-def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """iris and digits, trained once per test session by the real `make models` code."""
-    target = tmp_path_factory.mktemp("demo-models")
-    subprocess.run(
-        [sys.executable, "-m", "services.inference.make_models", "--repository", str(target)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return target
 
 
 def make_repository(root: Path, demo: Path, names: list[str]) -> Path:

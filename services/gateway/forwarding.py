@@ -1,0 +1,125 @@
+"""Forwarding whole services to an upstream: auth.v1.AuthService and inference.GRPCInferenceService.
+
+Each forwarded method is a generic handler: the caller is authorized for the method's
+:class:`Access`, then the request goes upstream with a deadline of min(time left - margin,
+the default), the caller's IP as ``x-forwarded-for`` and (for auth) the ``authorization``
+header; traceparent travels through the client interceptor. By default messages pass as raw
+bytes, never decoded (large tensors cost a copy, not a parse); ``decode=True`` parses and
+re-serialises them instead (kept for measuring the difference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
+
+from services.common.client import outgoing_timeout
+from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.peer import peer_ip
+from services.gateway.access import Access, TokenValidator
+
+_CONNECTION_FAILURES = ("failed to connect", "connection refused", "socket closed", "connection reset", "no route")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str  # for messages: "auth", "inference"
+    channel: grpc.aio.Channel
+    default_timeout: float
+    margin: float
+    forward_authorization: bool
+
+
+def upstream_error(upstream: str, error: grpc.aio.AioRpcError) -> Exception:
+    """A clear status for a failed upstream call; the upstream's own answers pass unchanged."""
+    details = error.details() or ""
+    if error.code() is grpc.StatusCode.UNAVAILABLE and any(text in details.lower() for text in _CONNECTION_FAILURES):
+        return Unavailable(f"the {upstream} service is unreachable; retry shortly", retry_after_seconds=1)
+    if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and details in ("Deadline Exceeded", ""):
+        return DeadlineExceeded(f"the {upstream} service did not answer before the deadline")
+    passed_on: Exception = error
+    return passed_on
+
+
+def _metadata(context: grpc.aio.ServicerContext, upstream: Upstream) -> list[tuple[str, str]]:
+    metadata = [("x-forwarded-for", peer_ip(context.peer() or ""))]
+    if upstream.forward_authorization:
+        metadata += [(key, value) for key, value in (context.invocation_metadata() or ()) if key == "authorization"]
+    return metadata
+
+
+def forwarding_handler(
+    descriptor: ServiceDescriptor,
+    upstream: Upstream,
+    validator: TokenValidator,
+    access: Mapping[str, Access],
+    *,
+    decode: bool = False,
+) -> grpc.GenericRpcHandler:
+    """Generic handlers for every method of ``descriptor`` listed in ``access``."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in descriptor.methods:
+        if method.name not in access:
+            continue
+        path = f"/{descriptor.full_name}/{method.name}"
+        request_cls = GetMessageClass(method.input_type)
+        response_cls = GetMessageClass(method.output_type)
+        serializers: dict[str, Callable[..., Any] | None] = {
+            "request_serializer": request_cls.SerializeToString if decode else None,
+            "response_deserializer": response_cls.FromString if decode else None,
+        }
+        server_side: dict[str, Callable[..., Any] | None] = {
+            "request_deserializer": request_cls.FromString if decode else None,
+            "response_serializer": response_cls.SerializeToString if decode else None,
+        }
+        needed = access[method.name]
+        if method.client_streaming and method.server_streaming:
+            call = upstream.channel.stream_stream(path, **serializers)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _bidi(call, upstream, validator, needed), **server_side
+            )
+        elif not method.client_streaming and not method.server_streaming:
+            unary = upstream.channel.unary_unary(path, **serializers)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(unary, upstream, validator, needed), **server_side
+            )
+    return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+
+
+def _unary(
+    call: grpc.aio.UnaryUnaryMultiCallable, upstream: Upstream, validator: TokenValidator, access: Access
+) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
+    async def forward(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await validator.authorize(context, access)
+        try:
+            return await call(
+                request,
+                timeout=outgoing_timeout(context, upstream.default_timeout, upstream.margin),
+                metadata=_metadata(context, upstream),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise upstream_error(upstream.name, error) from None
+
+    return forward
+
+
+def _bidi(
+    call: grpc.aio.StreamStreamMultiCallable, upstream: Upstream, validator: TokenValidator, access: Access
+) -> Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def forward(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await validator.authorize(context, access)
+        remaining = context.time_remaining()
+        timeout = None if remaining is None or remaining > 1e6 else max(0.0, remaining - upstream.margin)
+        responses = call(requests, timeout=timeout, metadata=_metadata(context, upstream))
+        try:
+            async for response in responses:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise upstream_error(upstream.name, error) from None
+
+    return forward
