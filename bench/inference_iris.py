@@ -9,6 +9,9 @@ one channel, N concurrent tasks) alternates rounds between the two so that machi
 both alike. Reported: requests per second and p50/p99 latency at several concurrencies, the
 ModelInfer/ServerLive throughput ratio, and the server's own mean time from dispatch to answer
 (``inference_request_seconds`` sum/count from its ``/metrics``, over the timed ModelInfer rounds).
+A second table says where the CPU goes per call (client, server process, worker processes, from
+``/proc``) and how busy the whole machine was, ours and other processes'; a last line gives the
+model alone (the sklearn runtime's predict on one row, in this process, before the server starts).
 
     python -m bench.inference_iris                    # the comparison
     python -m bench.inference_iris serve [MODELS_DIR] # the server (used by the comparison)

@@ -41,6 +41,7 @@ from services.common.logs import current_trace_ids, fields
 log = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
+TRACE_ID_KEY = "x-trace-id"  # in every response's trailers: the ID to quote and to grep the logs for
 
 
 class ServiceError(Exception):
@@ -171,7 +172,8 @@ class ErrorInterceptor(ScopeInterceptor):
     """Turns what a handler raises into the gRPC status the caller sees.
 
     A unary request that cannot be decoded never reaches the handler: it is answered with
-    INVALID_ARGUMENT (gRPC's own answer would be INTERNAL).
+    INVALID_ARGUMENT (gRPC's own answer would be INTERNAL). Every answer, success or error,
+    carries the request's trace ID in the ``x-trace-id`` trailer.
     """
 
     def __init__(self, domain: str):
@@ -199,27 +201,33 @@ class ErrorInterceptor(ScopeInterceptor):
 
     @contextlib.asynccontextmanager
     async def scope(self, info: RpcInfo, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        trace_id, _ = current_trace_ids()
+        trace = ((TRACE_ID_KEY, trace_id),) if trace_id else ()
         try:
             yield
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise  # already a status (context.abort), or the caller went away
         except ServiceError as error:
-            await context.abort(
-                error.code, error.message, trailing_metadata=((_DETAILS_KEY, to_status_details(error, self._domain)),)
-            )
+            details = ((_DETAILS_KEY, to_status_details(error, self._domain)),)
+            await context.abort(error.code, error.message, trailing_metadata=details + trace)
         except grpc.aio.AioRpcError as error:
             # An upstream call failed: pass its status on (rich details included).
-            details = [(k, v) for k, v in (error.trailing_metadata() or ()) if k == _DETAILS_KEY]
+            passed = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if k == _DETAILS_KEY)
             log.info(
                 "upstream.failed",
                 extra=fields(method=info.full_method, code=error.code().name, upstream_message=error.details()),
             )
-            await context.abort(error.code(), error.details() or "", trailing_metadata=tuple(details))
+            await context.abort(error.code(), error.details() or "", trailing_metadata=passed + trace)
         except NotImplementedError:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{info.method} is not implemented")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f"{info.method} is not implemented", trailing_metadata=trace
+            )
         except Exception:
             log.exception("rpc.unexpected_error", extra=fields(method=info.full_method))
-            await context.abort(grpc.StatusCode.INTERNAL, internal_message())
+            await context.abort(grpc.StatusCode.INTERNAL, internal_message(), trailing_metadata=trace)
+        else:
+            if trace:
+                context.set_trailing_metadata(tuple(context.trailing_metadata() or ()) + trace)
 
 
 __all__ = [

@@ -222,3 +222,17 @@ async def test_upstream_status_passes_through(chassis):
         await stub.ResetPassword(auth_pb2.ResetPasswordRequest(), timeout=5)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # the inference server's answer, passed on
     assert "not served" in caught.value.details()
+
+
+async def test_every_answer_carries_the_trace_id(chassis):
+    _, stub, _ = chassis
+    call = stub.ValidateToken(auth_pb2.ValidateTokenRequest(), timeout=5, metadata=(("traceparent", TRACEPARENT),))
+    await call
+    assert dict(await call.trailing_metadata())["x-trace-id"] == TRACE_ID
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Login(auth_pb2.LoginRequest(), timeout=5, metadata=(("traceparent", TRACEPARENT),))
+    assert dict(caught.value.trailing_metadata())["x-trace-id"] == TRACE_ID
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Register(auth_pb2.RegisterRequest(), timeout=5)
+    trace_id = dict(caught.value.trailing_metadata())["x-trace-id"]
+    assert trace_id in caught.value.details()  # the INTERNAL message quotes the same ID
