@@ -187,12 +187,16 @@ class Server:
                     pass
                 await asyncio.sleep(0.05)
 
-    def scrape(self, prefix: str) -> float:
-        """The sum of the /metrics samples whose line starts with ``prefix``."""
+    def scrape(self, metric: str, *labels: str) -> float:
+        """The sum of the /metrics samples of ``metric`` that carry every one of ``labels`` (``name="value"``)."""
         url = f"http://127.0.0.1:{self.info['metrics_port']}/metrics"
         with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310  (our own loopback server)
             text = answer.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(metric + "{") and all(label in line for label in labels)
+        )
 
     async def close(self) -> None:
         await self.channel.close()
@@ -358,10 +362,10 @@ async def main() -> None:
         )
 
         validations: dict[str, float] = {"gateway": 0.0, "no-cache": 0.0}
-        validate_prefix = 'grpc_server_handled_total{grpc_code="OK",grpc_method="ValidateToken"'
+        validated = ("grpc_server_handled_total", 'grpc_method="ValidateToken"', 'grpc_code="OK"')
 
         async def count_validations(name: str, before: bool) -> None:
-            value = await asyncio.to_thread(auth.scrape, validate_prefix)
+            value = await asyncio.to_thread(auth.scrape, *validated)
             validations[name] += -value if before else value
 
         token_results = await _compare(
