@@ -73,7 +73,7 @@ class ServiceProcess:
         return code
 
 
-def start_service(name: str, workdir: Path, **settings: str) -> ServiceProcess:
+def start_service(name: str, workdir: Path, env_extra: dict[str, str] | None = None, **settings: str) -> ServiceProcess:
     """Start a service on free ports (port 0), its files under ``workdir``, and wait until it is ready.
 
     Ready: it has logged ``server.started`` (and, for inference, its readiness after loading models).
@@ -87,6 +87,7 @@ def start_service(name: str, workdir: Path, **settings: str) -> ServiceProcess:
         (workdir / "models").mkdir(parents=True, exist_ok=True)
         env["INFERENCE_MODEL_REPOSITORY"] = str(workdir / "models")
     env.update({f"{prefix}{key.upper()}": value for key, value in settings.items()})
+    env.update(env_extra or {})
     process = subprocess.Popen(
         [sys.executable, "-m", f"services.{name}"],
         env=env,

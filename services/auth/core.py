@@ -21,7 +21,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
+
+from opentelemetry import trace
 
 from services.auth import validation
 from services.auth.metrics import AuthMetrics
@@ -52,6 +54,9 @@ from services.common.errors import (
 from services.common.logs import current_trace_ids, fields
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+T = TypeVar("T")
 
 ROLE_USER = "user"
 ROLE_ADMIN = "admin"
@@ -111,6 +116,11 @@ class AuthCore:
         self._clock = clock
         self._background: set[asyncio.Task[None]] = set()
 
+    async def _hash(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a hash or verify in the bounded pool, inside a span of its own."""
+        with _tracer.start_as_current_span("password." + fn.__name__):
+            return await self._pool.run(fn, *args)
+
     # -- accounts -------------------------------------------------------------------------
 
     async def register(self, caller: Caller, username: str, email: str, password: str) -> str:
@@ -130,7 +140,7 @@ class AuthCore:
 
     async def create_user(self, username: str, email: str, password: str, *, roles: tuple[str, ...]) -> User:
         """Create an account from already-validated values (also used by the CLI and bootstrap)."""
-        password_hash = await self._pool.run(self._hasher.hash, password)
+        password_hash = await self._hash(self._hasher.hash, password)
         user = User(
             id=str(uuid.uuid4()),
             username=username,
@@ -198,10 +208,10 @@ class AuthCore:
 
         user = await self._store.get_user_by_username(name)
         if user is None:
-            await self._pool.run(self._hasher.dummy_verify)
+            await self._hash(self._hasher.dummy_verify)
             ok, new_hash = False, None
         else:
-            ok, new_hash = await self._pool.run(self._hasher.verify_and_update, normalize(password), user.password_hash)
+            ok, new_hash = await self._hash(self._hasher.verify_and_update, normalize(password), user.password_hash)
 
         now = self._clock()
         if not ok or user is None:
@@ -362,7 +372,7 @@ class AuthCore:
         user = await self._store.get_user_by_id(claims.user_id)
         if user is None:
             raise Unauthenticated("the session has ended", reason="SESSION_REVOKED")
-        ok, _ = await self._pool.run(self._hasher.verify_and_update, normalize(current_password), user.password_hash)
+        ok, _ = await self._hash(self._hasher.verify_and_update, normalize(current_password), user.password_hash)
         if not ok:
             await self._audit(
                 "PASSWORD_CHANGED",
@@ -375,7 +385,7 @@ class AuthCore:
             raise InvalidArgument(
                 "the current password is not correct", [("current_password", "does not match the account's password")]
             )
-        new_hash = await self._pool.run(self._hasher.hash, secret)
+        new_hash = await self._hash(self._hasher.hash, secret)
         now = self._clock()
         await self._store.set_password_hash(user.id, new_hash, self._hasher.scheme(new_hash))
         revoked = await self._store.revoke_user_sessions(user.id, "password_changed", now, keep=claims.session_id)
@@ -437,7 +447,7 @@ class AuthCore:
                 "the reset token is invalid, used or expired", [("token", "is invalid, used or expired")]
             )
         secret = self._policy.check(new_password, username=user.username, field="new_password")
-        new_hash = await self._pool.run(self._hasher.hash, secret)
+        new_hash = await self._hash(self._hasher.hash, secret)
         now = self._clock()
         user_id = await self._store.complete_reset(digest, new_hash, self._hasher.scheme(new_hash), now)
         if user_id is None:  # a parallel reset used the token first
@@ -484,7 +494,7 @@ class AuthCore:
         """Replace every legacy SHA-256 hash at rest by its argon2id wrap; returns how many."""
         wrapped = 0
         for user in await self._store.list_users():
-            new_hash = await self._pool.run(self._hasher.wrap_legacy, user.password_hash)
+            new_hash = await self._hash(self._hasher.wrap_legacy, user.password_hash)
             if new_hash is None:
                 continue
             scheme = self._hasher.scheme(new_hash)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from opentelemetry import propagate, trace
 
 from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.logs import fields
@@ -31,6 +32,7 @@ from services.inference.metrics import InferenceMetrics
 from services.inference.process import WorkerGone, WorkerProcess, WorkerSpec, WorkerStartError
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 HEALTHY_RESET_SECONDS = 30.0  # a worker up this long clears the crash backoff
 
@@ -341,7 +343,18 @@ class WorkerPool:
         self, inputs: dict[str, np.ndarray], outputs: list[str], *, deadline: float, traceparent: str
     ) -> ipc.InferResult:
         """Run one inference on a worker of this pool, within ``deadline`` (unix seconds)."""
-        slot = await self._acquire(deadline)
+        with _tracer.start_as_current_span("inference.queue", attributes={"model": self.model_name}):
+            slot = await self._acquire(deadline)
+        with _tracer.start_as_current_span(
+            "inference.dispatch", attributes={"model": self.model_name, "worker.id": slot.worker_id}
+        ):
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)  # the worker's span becomes a child of this one
+            return await self._dispatch(slot, inputs, outputs, deadline, carrier.get("traceparent", traceparent))
+
+    async def _dispatch(
+        self, slot: _Slot, inputs: dict[str, np.ndarray], outputs: list[str], deadline: float, traceparent: str
+    ) -> ipc.InferResult:
         process = slot.process
         if process is None:
             self._release(slot)

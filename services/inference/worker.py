@@ -110,6 +110,10 @@ class Worker:
             inferred = time.perf_counter_ns()
             if call.outputs:
                 outputs = {name: value for name, value in outputs.items() if name in call.outputs}
+            log.info(
+                "worker.inference",
+                extra=fields(worker_id=self._args.worker_id, compute_ms=round((inferred - started) / 1e6, 3)),
+            )
             try:
                 self._send(ipc.InferResult(call.request_id, outputs, 0, inferred - started, 0))
             except ValueError as error:  # outputs the protocol cannot carry (e.g. str arrays)
