@@ -57,12 +57,16 @@ async def build_server(settings: InferenceSettings) -> GrpcServer:
             env=worker_env(),
             log_level=settings.log_level,
             log_format=settings.log_format,
+            scale_interval=settings.autoscale_interval_seconds,
+            scale_cooldown=settings.scale_cooldown_seconds,
+            scale_down_idle=settings.scale_down_idle_seconds,
         ),
         metrics=metrics,
         on_readiness=on_readiness,
         start_timeout=settings.worker_start_timeout_seconds,
+        poll_seconds=settings.repository_poll_seconds,
     )
-    server.after_start(manager.load_all)
+    server.after_start(manager.run)
     server.on_close(manager.close)
     server.add_service(
         grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],

@@ -35,14 +35,33 @@ class ModelState:
     UNAVAILABLE = "UNAVAILABLE"
 
 
+Fingerprint = tuple[str, tuple[int, ...], tuple[int, ...]]
+
+
+def fingerprint(entry: ModelEntry) -> Fingerprint:
+    """What identifies a model's loaded state: its config, selected versions and their files' mtimes."""
+    stamps = []
+    for version in entry.versions:
+        directory = entry.path / str(version)
+        newest = directory.stat().st_mtime_ns
+        for item in directory.rglob("*"):
+            newest = max(newest, item.stat().st_mtime_ns)
+        stamps.append(newest)
+    return entry.digest, tuple(entry.versions), tuple(stamps)
+
+
 @dataclass
 class LoadedModel:
     name: str
-    config: ModelConfig | None
     path: Path
-    pools: dict[str, WorkerPool] = field(default_factory=dict)  # by version
-    state: str = ModelState.LOADING
-    reason: str = ""
+    config: ModelConfig | None = None
+    digest: str = ""
+    fingerprint: Fingerprint | None = None
+    pools: dict[str, WorkerPool] = field(default_factory=dict)  # serving, by version
+    loading: set[str] = field(default_factory=set)
+    draining: list[WorkerPool] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # version ("" = the model) -> why it did not load
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def newest(self) -> str:
         return max(self.pools, key=int)
@@ -57,6 +76,13 @@ class IndexEntry:
 
 
 class ModelManager:
+    """Loads, reloads and unloads models without dropping requests.
+
+    A new version or a changed config starts new worker pools beside the serving ones; traffic
+    moves when they are ready, and the old pools drain (their accepted requests finish) before
+    their workers stop. A load that fails leaves what was serving untouched and reports why.
+    """
+
     def __init__(
         self,
         *,
@@ -65,89 +91,163 @@ class ModelManager:
         metrics: InferenceMetrics,
         on_readiness: Callable[[bool], None] = lambda ready: None,
         start_timeout: float = 120.0,
+        poll_seconds: float = 0.0,
     ):
         self._repository = repository
         self._pool_settings = pool_settings
         self._metrics = metrics
         self._on_readiness = on_readiness
         self._start_timeout = start_timeout
+        self._poll_seconds = poll_seconds
         self._models: dict[str, LoadedModel] = {}
         self._shm_prefix = f"mlp-{os.getpid()}-"
         self._ready = False
         self._scanned = False
+        self._drains: set[asyncio.Task[None]] = set()
 
     # -- loading --------------------------------------------------------------------------
 
-    async def load_all(self) -> None:
-        """Load every model of the repository (broken ones are reported, not fatal)."""
-        entries = await asyncio.to_thread(scan, self._repository)
+    async def run(self) -> None:
+        """Load the repository, then (if polling is on) follow its changes."""
+        await self.sync()
+        while self._poll_seconds > 0:
+            await asyncio.sleep(self._poll_seconds)
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("repository.sync_failed")
+
+    async def _scan(self) -> dict[str, tuple[ModelEntry, Fingerprint]]:
+        def read() -> dict[str, tuple[ModelEntry, Fingerprint]]:
+            return {name: (entry, fingerprint(entry)) for name, entry in scan(self._repository).items()}
+
+        return await asyncio.to_thread(read)
+
+    async def sync(self) -> None:
+        """Bring the served models in line with the repository."""
+        entries = await self._scan()
+        if not self._scanned:
+            log.info("repository.scanned", extra=fields(path=str(self._repository), models=sorted(entries)))
         self._scanned = True
-        log.info("repository.scanned", extra=fields(path=str(self._repository), models=sorted(entries)))
-        await asyncio.gather(*(self._load_entry(entry) for entry in entries.values()))
+        changed = [
+            self._reload(entry, stamp)
+            for entry, stamp in entries.values()
+            if entry.name not in self._models or self._models[entry.name].fingerprint != stamp
+        ]
+        removed = [self.unload(name, missing_ok=True) for name in list(self._models) if name not in entries]
+        await asyncio.gather(*changed, *removed)
         self._changed()
 
     async def load(self, name: str) -> None:
-        """(Re)load one model from the repository: RepositoryModelLoad."""
-        entries = await asyncio.to_thread(scan, self._repository)
-        entry = entries.get(name)
-        if entry is None:
+        """(Re)load one model from the repository now: RepositoryModelLoad."""
+        entries = await self._scan()
+        if name not in entries:
             raise NotFound(f"model {name} is not in the repository", reason="MODEL_NOT_FOUND")
-        await self.unload(name, missing_ok=True)
-        await self._load_entry(entry)
-        model = self._models[name]
-        if model.state != ModelState.READY:
-            raise Unavailable(f"model {name} failed to load: {model.reason}")
+        entry, stamp = entries[name]
+        if not await self._reload(entry, stamp, force=True):
+            model = self._models.get(name)
+            reason = next(iter(model.failed.values()), "it did not load") if model else "it did not load"
+            raise Unavailable(f"model {name} failed to load: {reason}")
 
-    async def _load_entry(self, entry: ModelEntry) -> None:
-        model = LoadedModel(entry.name, entry.config, entry.path)
-        self._models[entry.name] = model
-        if entry.config is None or entry.error:
-            model.state, model.reason = ModelState.UNAVAILABLE, entry.error or "invalid configuration"
-            log.warning("model.unavailable", extra=fields(model=entry.name, reason=model.reason))
+    def _new_pool(self, entry: ModelEntry, config: ModelConfig, version: str) -> WorkerPool:
+        return WorkerPool(
+            model_name=entry.name,
+            model_version=version,
+            model_dir=entry.path,
+            workers=config.min_workers,
+            max_workers=config.max_workers,
+            settings=self._pool_settings,
+            metrics=self._metrics,
+            shm_prefix=self._shm_prefix,
+            on_change=self._changed,
+        )
+
+    async def _reload(self, entry: ModelEntry, stamp: Fingerprint, *, force: bool = False) -> bool:
+        model = self._models.setdefault(entry.name, LoadedModel(entry.name, entry.path))
+        async with model.lock:
+            if not force and model.fingerprint == stamp:
+                return True
+            model.fingerprint = stamp  # a failure is not retried until something changes
+            config = entry.config
+            if config is None or entry.error:
+                return self._failed(model, {"": entry.error or "invalid configuration"})
+            targets = [str(version) for version in entry.versions]
+            same_config = model.digest == entry.digest and not force
+            keep = {v: pool for v, pool in model.pools.items() if v in targets and same_config}
+            fresh = {v: self._new_pool(entry, config, v) for v in targets if v not in keep}
+            model.loading = set(fresh)
             self._changed()
-            return
-        for version in entry.versions:
-            pool = WorkerPool(
-                model_name=entry.name,
-                model_version=str(version),
-                model_dir=entry.path,
-                workers=entry.config.min_workers,
-                settings=self._pool_settings,
-                metrics=self._metrics,
-                shm_prefix=self._shm_prefix,
-                on_change=self._changed,
+            for pool in fresh.values():
+                pool.start()
+            ready = await asyncio.gather(*(pool.wait_ready(self._start_timeout) for pool in fresh.values()))
+            model.loading = set()
+            failures = {
+                version: pool.last_error or "no worker became ready"
+                for (version, pool), ok in zip(fresh.items(), ready, strict=True)
+                if not ok
+            }
+            if failures:
+                await asyncio.gather(*(pool.stop() for pool in fresh.values()))
+                return self._failed(model, failures)
+            retired = [pool for version, pool in model.pools.items() if keep.get(version) is not pool]
+            model.pools = {**keep, **fresh}
+            model.config, model.digest, model.failed = config, entry.digest, {}
+            self._metrics.reloads.labels(model.name, "ok").inc()
+            log.info(
+                "model.ready",
+                extra=fields(model=model.name, versions=sorted(model.pools, key=int), retired=len(retired)),
             )
-            model.pools[str(version)] = pool
-            pool.start()
+            for pool in retired:
+                self._drain(model, pool)
+            self._changed()
+            return True
+
+    def _failed(self, model: LoadedModel, failures: dict[str, str]) -> bool:
+        model.failed = failures
+        self._metrics.reloads.labels(model.name, "failed").inc()
+        log.warning(
+            "model.load_failed",
+            extra=fields(model=model.name, failures=failures, still_serving=sorted(model.pools, key=int)),
+        )
         self._changed()
-        ready = await asyncio.gather(*(pool.wait_ready(self._start_timeout) for pool in model.pools.values()))
-        if all(ready):
-            model.state = ModelState.READY
-            log.info("model.ready", extra=fields(model=entry.name, versions=sorted(model.pools, key=int)))
-        else:
-            errors = [pool.last_error for pool in model.pools.values() if pool.last_error]
-            model.state = ModelState.UNAVAILABLE
-            model.reason = errors[0] if errors else "no worker became ready"
-            log.warning("model.unavailable", extra=fields(model=entry.name, reason=model.reason))
-            await asyncio.gather(*(pool.stop() for pool in model.pools.values()))
-            model.pools.clear()
-        self._changed()
+        return False
+
+    def _drain(self, model: LoadedModel, pool: WorkerPool) -> None:
+        """Let ``pool`` finish what it accepted, then stop it (in the background)."""
+        model.draining.append(pool)
+
+        async def drain() -> None:
+            await pool.drain()
+            with contextlib.suppress(ValueError):
+                model.draining.remove(pool)
+            log.info("model.version_retired", extra=fields(model=model.name, version=pool.model_version))
+            self._changed()
+
+        task = asyncio.get_running_loop().create_task(drain())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
 
     async def unload(self, name: str, *, missing_ok: bool = False) -> None:
-        model = self._models.get(name)
+        """Stop serving ``name``: new requests get NOT_FOUND, accepted ones finish first."""
+        model = self._models.pop(name, None)
         if model is None:
             if missing_ok:
                 return
             raise NotFound(f"model {name} is not loaded", reason="MODEL_NOT_FOUND")
-        model.state = ModelState.UNLOADING
         self._changed()
-        await asyncio.gather(*(pool.stop() for pool in model.pools.values()))
-        del self._models[name]
+        async with model.lock:
+            pools = [*model.pools.values(), *model.draining]
+            model.pools = {}
+            await asyncio.gather(*(pool.drain() for pool in pools))
         log.info("model.unloaded", extra=fields(model=name))
         self._changed()
 
     async def close(self) -> None:
-        await asyncio.gather(*(self.unload(name, missing_ok=True) for name in list(self._models)))
+        for task in list(self._drains):
+            task.cancel()
+        pools = [pool for model in self._models.values() for pool in (*model.pools.values(), *model.draining)]
+        self._models.clear()
+        await asyncio.gather(*(pool.stop() for pool in pools), return_exceptions=True)
         ipc.sweep_segments(self._shm_prefix)
 
     # -- state ----------------------------------------------------------------------------
@@ -170,10 +270,14 @@ class ModelManager:
 
     @property
     def ready(self) -> bool:
-        """Loading has run, and every loaded model has a ready worker in each served version."""
-        return self._scanned and all(
-            pool.ready_workers > 0 for model in self._models.values() for pool in model.pools.values()
-        )
+        """Loading has run, no model waits for its first version, and every serving version has a ready worker."""
+
+        def serving(model: LoadedModel) -> bool:
+            if not model.pools:
+                return not model.loading  # a model that failed to load is not "loaded"
+            return all(pool.ready_workers > 0 for pool in model.pools.values())
+
+        return self._scanned and all(serving(model) for model in self._models.values())
 
     # -- requests -------------------------------------------------------------------------
 
@@ -182,9 +286,10 @@ class ModelManager:
         if model is None:
             raise NotFound(f"model {name!r} is not served", reason="MODEL_NOT_FOUND")
         if not model.pools:
-            if model.state == ModelState.UNAVAILABLE:
-                raise Unavailable(f"model {name} is unavailable: {model.reason}")
-            raise Unavailable(f"model {name} is {model.state.lower()}", retry_after_seconds=1)
+            if model.loading:
+                raise Unavailable(f"model {name} is loading", retry_after_seconds=1)
+            reason = next(iter(model.failed.values()), "it has no served version")
+            raise Unavailable(f"model {name} is unavailable: {reason}")
         if not version:
             version = model.newest()
         pool = model.pools.get(version)
@@ -242,13 +347,20 @@ class ModelManager:
     def index(self) -> list[IndexEntry]:
         entries = []
         for model in sorted(self._models.values(), key=lambda m: m.name):
-            if not model.pools:
-                entries.append(IndexEntry(model.name, "", model.state, model.reason))
-            for version, pool in sorted(model.pools.items(), key=lambda item: int(item[0])):
-                state = ModelState.READY if pool.ready_workers else model.state
-                if state == ModelState.READY and not pool.ready_workers:
-                    state = ModelState.UNAVAILABLE
-                entries.append(IndexEntry(model.name, version, state, "" if pool.ready_workers else pool.last_error))
+            rows: list[IndexEntry] = []
+            for version, pool in model.pools.items():
+                if pool.ready_workers:
+                    rows.append(IndexEntry(model.name, version, ModelState.READY, ""))
+                else:
+                    reason = pool.last_error or "no ready worker"
+                    rows.append(IndexEntry(model.name, version, ModelState.UNAVAILABLE, reason))
+            rows += [IndexEntry(model.name, v, ModelState.LOADING, "") for v in model.loading]
+            rows += [IndexEntry(model.name, pool.model_version, ModelState.UNLOADING, "") for pool in model.draining]
+            rows += [
+                IndexEntry(model.name, version, ModelState.UNAVAILABLE, reason)
+                for version, reason in model.failed.items()
+            ]
+            entries += sorted(rows, key=lambda row: (int(row.version or 0), row.state))
         return entries
 
     def repository_names(self) -> list[str]:

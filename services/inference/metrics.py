@@ -32,6 +32,18 @@ class InferenceMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.scaling = Counter(
+            "inference_scaling_events_total",
+            "Worker pool size changes by the autoscaler, by direction (up, down).",
+            ["model", "direction"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "inference_model_reloads_total",
+            "Model (re)loads by outcome (ok, failed).",
+            ["model", "outcome"],
+            registry=registry,
+        )
         self.timeouts = Counter(
             "inference_timeouts_total", "Inferences that ran past their deadline.", ["model"], registry=registry
         )

@@ -59,6 +59,9 @@ class PoolSettings:
     env: Mapping[str, str]
     log_level: str = "INFO"
     log_format: str = "json"
+    scale_interval: float = 1.0
+    scale_cooldown: float = 5.0
+    scale_down_idle: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,7 @@ class WorkerPool:
         model_version: str,
         model_dir: Path,
         workers: int,
+        max_workers: int | None = None,
         settings: PoolSettings,
         metrics: InferenceMetrics,
         shm_prefix: str,
@@ -111,12 +115,22 @@ class WorkerPool:
         self._metrics = metrics
         self._shm_prefix = shm_prefix
         self._on_change = on_change
+        self._min = workers
+        self._max = max(workers, max_workers or workers)
+        self._serial = workers
         self._slots = [_Slot(f"{model_name}-v{model_version}-{index}") for index in range(workers)]
+        self._scale_task: asyncio.Task[None] | None = None
+        self._last_scaled = time.monotonic()
+        self._last_busy = time.monotonic()
+        self._peak_waiting = 0
+        self._idle_event = asyncio.Event()
+        self._idle_event.set()
         self._waiters: deque[asyncio.Future[_Slot]] = deque()
         self._next = 0
         self._stopping = False
         self._health_task: asyncio.Task[None] | None = None
         self._first_ready = asyncio.Event()
+        self._first_failure = asyncio.Event()  # a load failed before any worker was ready
         self._start_error = ""
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -126,11 +140,18 @@ class WorkerPool:
         for slot in self._slots:
             slot.task = loop.create_task(self._supervise(slot), name=f"supervise-{slot.worker_id}")
         self._health_task = loop.create_task(self._health_loop(), name=f"health-{self.model_name}")
+        if self._max > self._min:
+            self._scale_task = loop.create_task(self._scale_loop(), name=f"scale-{self.model_name}")
 
     async def wait_ready(self, limit_seconds: float) -> bool:
-        """True once a worker is ready; False if none is within ``limit_seconds``."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._first_ready.wait(), limit_seconds)
+        """True once a worker is ready; False if the model fails to load or none is ready in time."""
+        ready = asyncio.ensure_future(self._first_ready.wait())
+        failed = asyncio.ensure_future(self._first_failure.wait())
+        try:
+            await asyncio.wait((ready, failed), timeout=limit_seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            failed.cancel()
         return self._first_ready.is_set()
 
     @property
@@ -144,8 +165,9 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop every worker (asking first, then SIGTERM/SIGKILL) and fail whoever still waits."""
         self._stopping = True
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for task in (self._health_task, self._scale_task):
+            if task is not None:
+                task.cancel()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -162,6 +184,73 @@ class WorkerPool:
                 with contextlib.suppress(asyncio.CancelledError):
                     await slot.task
             self._set_state(slot, WorkerState.STOPPED)
+
+    async def drain(self) -> None:
+        """Let every accepted request finish (running or queued), then stop the workers."""
+        while self._waiters or any(slot.in_flight for slot in self._slots):
+            self._idle_event.clear()
+            await self._idle_event.wait()
+        await self.stop()
+
+    def _note_idle(self) -> None:
+        if not self._waiters and not any(slot.in_flight for slot in self._slots):
+            self._idle_event.set()
+
+    # -- autoscaling ----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self._slots)
+
+    async def _scale_loop(self) -> None:
+        """Grow towards max while requests queue; shrink towards min after an idle period."""
+        while not self._stopping:
+            await asyncio.sleep(self._settings.scale_interval)
+            now = time.monotonic()
+            waited, self._peak_waiting = max(self._peak_waiting, len(self._waiters)), len(self._waiters)
+            cooled = now - self._last_scaled >= self._settings.scale_cooldown
+            if waited and len(self._slots) < self._max and cooled:
+                self._add_slot(f"{waited} requests waited for a worker")
+            elif len(self._slots) > self._min and cooled and now - self._last_busy >= self._settings.scale_down_idle:
+                await self._remove_slot(f"idle for {now - self._last_busy:.0f}s")
+
+    def _scaled(self, direction: str, reason: str) -> None:
+        self._last_scaled = time.monotonic()
+        self._metrics.scaling.labels(self.model_name, direction).inc()
+        log.info(
+            "pool.scaled",
+            extra=fields(
+                model=self.model_name,
+                version=self.model_version,
+                direction=direction,
+                workers=len(self._slots),
+                reason=reason,
+            ),
+        )
+        self._on_change()
+
+    def _add_slot(self, reason: str) -> None:
+        slot = _Slot(f"{self.model_name}-v{self.model_version}-{self._serial}")
+        self._serial += 1
+        self._slots.append(slot)
+        slot.task = asyncio.get_running_loop().create_task(self._supervise(slot), name=f"supervise-{slot.worker_id}")
+        self._scaled("up", reason)
+
+    async def _remove_slot(self, reason: str) -> None:
+        slot = next(
+            (s for s in reversed(self._slots) if s.state is WorkerState.READY and s.in_flight == 0 and s.process), None
+        )
+        if slot is None:
+            return
+        self._slots.remove(slot)
+        self._scaled("down", reason)
+        if slot.task is not None:
+            slot.task.cancel()
+        if slot.process is not None:
+            await slot.process.shutdown(self._settings.stop_grace)
+        if slot.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await slot.task
 
     # -- supervision ----------------------------------------------------------------------
 
@@ -205,6 +294,8 @@ class WorkerPool:
                 slot.failures += 1
                 slot.last_error = f"load failed: {error}"
                 self._start_error = slot.last_error
+                if not self._first_ready.is_set():
+                    self._first_failure.set()
                 self._metrics.restarts.labels(self.model_name, "load_failed").inc()
                 self._set_state(slot, WorkerState.UNHEALTHY)
                 continue
@@ -226,6 +317,7 @@ class WorkerPool:
                 )
             slot.restarts += 1
             slot.in_flight = 0
+            self._note_idle()
             self._metrics.restarts.labels(self.model_name, reason).inc()
             self._set_state(slot, WorkerState.RESTARTING)
             log.info("worker.restarting", extra=fields(worker_id=slot.worker_id, reason=reason, restarts=slot.restarts))
@@ -252,11 +344,12 @@ class WorkerPool:
     async def _health_loop(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self._settings.health_interval)
+            # Idle workers only: a busy one is bounded by its request's deadline, which kills it if stuck.
             await asyncio.gather(
                 *(
                     self._check(slot)
                     for slot in self._slots
-                    if slot.process is not None and slot.state in (WorkerState.READY, WorkerState.BUSY)
+                    if slot.process is not None and slot.state is WorkerState.READY and slot.in_flight == 0
                 )
             )
 
@@ -267,8 +360,8 @@ class WorkerPool:
         try:
             await process.ping(self._settings.health_timeout)
         except (TimeoutError, WorkerGone):
-            if process is not slot.process or slot.kill_reason or self._stopping:
-                return
+            if process is not slot.process or slot.kill_reason or self._stopping or slot.in_flight:
+                return  # replaced meanwhile, or it took a request: its deadline watches it now
             log.warning("worker.unresponsive", extra=fields(worker_id=slot.worker_id, pid=process.pid))
             await self._replace(
                 slot, "unresponsive", f"did not answer a health check within {self._settings.health_timeout:g}s"
@@ -295,6 +388,8 @@ class WorkerPool:
                 return
 
     async def _acquire(self, deadline: float) -> _Slot:
+        self._last_busy = time.monotonic()
+        self._idle_event.clear()
         slot = self._idle()
         if slot is not None:
             slot.in_flight = 1
@@ -314,6 +409,7 @@ class WorkerPool:
             )
         waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._peak_waiting = max(self._peak_waiting, len(self._waiters))
         gauge = self._metrics.queue_depth.labels(self.model_name)
         gauge.inc()
         try:
@@ -332,12 +428,15 @@ class WorkerPool:
                 self._waiters.remove(waiter)
             if not waiter.done():
                 waiter.cancel()
+            self._note_idle()
 
     def _release(self, slot: _Slot) -> None:
         slot.in_flight = 0
+        self._last_busy = time.monotonic()
         if slot.state is WorkerState.BUSY:
             self._set_state(slot, WorkerState.READY)
         self._hand_over(slot)
+        self._note_idle()
 
     async def infer(
         self, inputs: dict[str, np.ndarray], outputs: list[str], *, deadline: float, traceparent: str

@@ -39,6 +39,18 @@ class InferenceSettings(ServiceSettings):
         default=0.5, gt=0, le=60, description="First delay before restarting a crashed worker; doubles per crash."
     )
     restart_backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600, description="Longest restart delay.")
+    repository_poll_seconds: float = Field(
+        default=0.0, ge=0, le=3600, description="How often the repository is checked for changes (0 = never)."
+    )
+    autoscale_interval_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often each pool looks at its load to scale."
+    )
+    scale_cooldown_seconds: float = Field(
+        default=5.0, ge=0, le=3600, description="Least time between two scaling steps of a pool."
+    )
+    scale_down_idle_seconds: float = Field(
+        default=30.0, gt=0, le=86400, description="A pool idle this long shrinks by one worker (not below min)."
+    )
     shm_threshold_bytes: int = Field(
         default=64 * 1024, ge=0, description="Tensors this large or larger go to workers through shared memory."
     )

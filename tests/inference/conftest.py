@@ -97,8 +97,12 @@ async def start_inference(
 ) -> AsyncIterator[Callable[..., Awaitable[InferenceClient]]]:
     started: list[tuple[GrpcServer, grpc.aio.Channel]] = []
 
-    async def start(models: list[str], *, wait: bool = True, **overrides: Any) -> InferenceClient:
+    async def start(
+        models: list[str], *, wait: bool = True, prepare: Callable[[Path], None] | None = None, **overrides: Any
+    ) -> InferenceClient:
         repository = make_repository(tmp_path, demo_models, models)
+        if prepare is not None:
+            prepare(repository)  # edit the repository before the server reads it
         server = await build_inference(fast_settings(repository, **overrides))
         await server.start()
         channel = grpc.aio.insecure_channel(
