@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto' | sort)
 GEN_PACKAGES := auth inference gateway
 
-.PHONY: help setup models run test lint bench proto proto-check proto-lint proto-breaking clean
+.PHONY: help setup models tools run test lint bench proto proto-check proto-lint proto-breaking clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -30,6 +30,14 @@ $(CLIENTS_VENV)/.installed: tests/clients/requirements.lock
 	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/clients/requirements.lock
 	touch $@
+
+# promtool (alert rule checks and tests): Debian's prometheus package, installed when missing.
+PROMTOOL := $(shell command -v promtool 2>/dev/null)
+
+tools: ## Install the system tools the tests use (promtool), if missing
+ifeq ($(PROMTOOL),)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+endif
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -69,7 +77,7 @@ proto-breaking: node_modules/.installed ## buf breaking against the main branch
 run: setup ## Start auth, inference and gateway in the foreground (Ctrl-C stops them)
 	$(PY) -m services.devrun
 
-test: setup $(CLIENTS_VENV)/.installed ## Run the whole test suite
+test: setup tools $(CLIENTS_VENV)/.installed ## Run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff (with security rules) and mypy on our code
