@@ -68,6 +68,10 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                # Clients re-resolve DNS only on reconnect: ageing connections out lets new replicas
+                # behind a headless Service get traffic.
+                ("grpc.max_connection_age_ms", 300_000),
+                ("grpc.max_connection_age_grace_ms", 30_000),
             ],
         )
         self._health = health_aio.HealthServicer()
