@@ -130,6 +130,9 @@ class ScopeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 def outcome_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     """The status an RPC ended with, given what (if anything) its behaviour raised."""
     if isinstance(error, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED  # the caller's deadline ran out, not the caller's choice
         return grpc.StatusCode.CANCELLED
     code = context.code()
     if code is not None:
