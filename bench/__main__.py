@@ -2,10 +2,11 @@
 
 import asyncio
 
-from bench import auth_login, chassis_overhead, inference_iris, ipc_throughput
+from bench import auth_login, chassis_overhead, gateway_hop, inference_iris, ipc_throughput
 
 if __name__ == "__main__":
     asyncio.run(chassis_overhead.main())
     asyncio.run(auth_login.main())
     asyncio.run(ipc_throughput.main())
     asyncio.run(inference_iris.main())
+    asyncio.run(gateway_hop.main())

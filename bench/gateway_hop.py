@@ -8,13 +8,16 @@ gateways in front of those two, differing only in ``GATEWAY_INFERENCE_PASSTHROUG
 ``GATEWAY_TOKEN_CACHE_SECONDS``. Every server is polled until its ``readiness`` is SERVING (and both
 iris workers are ready) before anything is timed. A user registers and logs in through the gateway;
 its bearer token goes with every gateway call. The client (``grpc.aio``, one channel per server, N
-concurrent tasks) warms each target up, then alternates rounds between the two targets of a
-comparison (alternating which goes first); throughput is the median round.
+concurrent tasks) warms each target up, then alternates rounds between the targets of a
+comparison (alternating which goes first); throughput is the median round. CPU time (user + system,
+from /proc) of the client and of every server process (inference with its workers) is summed over
+each target's timed rounds and divided by its requests.
 
 1. The hop: ModelInfer on iris, one row, raw contents, through the default gateway (passthrough,
    2 s token cache) vs direct, at concurrency 1, 8 and 32. Target: gateway/direct >= 0.70 at 32.
 2. Passthrough vs re-serialising: a batch of BIG_ROWS rows through the default gateway vs one with
-   ``GATEWAY_INFERENCE_PASSTHROUGH=false`` (every message parsed and re-encoded), concurrency 8.
+   ``GATEWAY_INFERENCE_PASSTHROUGH=false`` (every message parsed and re-encoded), and direct as the
+   reference, concurrency 8.
    MB/s = (request + response bytes) per second, 1 MB = 10^6 bytes.
 3. The token check: the default gateway (2 s cache) vs one with ``GATEWAY_TOKEN_CACHE_SECONDS=0``
    (auth's ValidateToken on every call), one row, concurrency 8. ValidateToken calls per request are
@@ -74,11 +77,11 @@ BIG_ROWS = 50_000  # FP32 [50000, 4]: 800 KB in, 400 KB labels + 600 KB probabil
 
 # 1. the hop
 HOP_CONCURRENCY = (1, 8, 32)
-HOP_ROUNDS = 4
+HOP_ROUNDS = 6
 HOP_CALLS = {1: 300, 8: 600, 32: 640}
 # 2. passthrough vs re-serialising
 BIG_CONCURRENCY = 8
-BIG_ROUNDS = 4
+BIG_ROUNDS = 6
 BIG_CALLS = 48
 # 3. the token check
 TOKEN_CONCURRENCY = 8
@@ -88,6 +91,8 @@ TOKEN_CALLS = 600
 WARMUP_CALLS = 200
 BIG_WARMUP_CALLS = 16
 _READY = (admin_pb.WORKER_STATE_READY, admin_pb.WORKER_STATE_BUSY)
+VALIDATED = ("grpc_server_handled_total", 'grpc_method="ValidateToken"', 'grpc_code="OK"')
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- the servers ----------------------------------------------------------------------------------
@@ -190,7 +195,7 @@ class Server:
     def scrape(self, metric: str, *labels: str) -> float:
         """The sum of the /metrics samples of ``metric`` that carry every one of ``labels`` (``name="value"``)."""
         url = f"http://127.0.0.1:{self.info['metrics_port']}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310  (our own loopback server)
+        with urllib.request.urlopen(url, timeout=5) as answer:
             text = answer.read().decode()
         return sum(
             float(line.rsplit(" ", 1)[1])
@@ -205,14 +210,15 @@ class Server:
         await asyncio.to_thread(self.process.wait, 30)
 
 
-async def _wait_workers(inference: Server, within: float = 120.0) -> None:
+async def _wait_workers(inference: Server, within: float = 120.0) -> list[int]:
+    """Wait until every iris worker is ready: their process ids."""
     admin = worker_pool_pb2_grpc.WorkerPoolServiceStub(inference.channel)
     request = admin_pb.GetWorkerHealthRequest(model_name=MODEL)
     async with asyncio.timeout(within):
         while True:
             workers = (await admin.GetWorkerHealth(request, timeout=5)).workers
             if sum(worker.state in _READY for worker in workers) == WORKERS:
-                return
+                return [worker.pid for worker in workers]
             await asyncio.sleep(0.05)
 
 
@@ -226,11 +232,34 @@ class Target:
     metadata: tuple[tuple[str, str], ...] = ()
 
 
+def _process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+class Meter:
+    """CPU seconds so far of this client and each server process (inference includes its workers);
+    with ``auth``, also the ValidateToken calls auth has answered."""
+
+    def __init__(self, processes: dict[str, list[int]], auth: Server | None = None) -> None:
+        self.processes = processes
+        self.auth = auth
+
+    async def read(self) -> dict[str, float]:
+        own = os.times()
+        values = {"client": own.user + own.system}
+        values |= {name: sum(_process_cpu(pid) for pid in pids) for name, pids in self.processes.items()}
+        if self.auth is not None:
+            values["validations"] = await asyncio.to_thread(self.auth.scrape, *VALIDATED)
+        return values
+
+
 @dataclass
 class Result:
     rates: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     calls: int = 0
+    used: dict[str, float] = field(default_factory=dict)  # Meter differences over the timed rounds
 
     @property
     def rate(self) -> float:
@@ -243,8 +272,18 @@ class Result:
     def cell(self) -> str:
         return f"{self.ms(0.5):.2f} / {self.ms(0.99):.2f}"
 
+    def per_call(self, name: str, scale: float = 1e3) -> float:
+        """Meter reading ``name`` per request (CPU: ms)."""
+        return self.used.get(name, 0.0) / self.calls * scale
 
-async def _drive(target: Target, request: pb.ModelInferRequest, concurrency: int, calls: int) -> tuple[float, list[float]]:
+    def cpu(self) -> float:
+        """CPU ms per request, all our processes."""
+        return sum(value for name, value in self.used.items() if name != "validations") / self.calls * 1e3
+
+
+async def _drive(
+    target: Target, request: pb.ModelInferRequest, concurrency: int, calls: int
+) -> tuple[float, list[float]]:
     latencies: list[float] = []
 
     async def worker(n: int) -> None:
@@ -260,29 +299,21 @@ async def _drive(target: Target, request: pb.ModelInferRequest, concurrency: int
 
 
 async def _compare(
-    targets: Sequence[Target],
-    request: pb.ModelInferRequest,
-    concurrency: int,
-    rounds: int,
-    calls: int,
-    between: Any = None,
+    targets: Sequence[Target], request: pb.ModelInferRequest, concurrency: int, rounds: int, calls: int, meter: Meter
 ) -> dict[str, Result]:
-    """``rounds`` rounds of each target, alternating, and alternating which goes first.
-
-    ``between(name, before: bool)`` runs (untimed) around each round of ``name``.
-    """
+    """``rounds`` rounds of each target, alternating, and alternating which goes first."""
     results = {target.name: Result() for target in targets}
     for round_ in range(rounds):
         for target in targets if round_ % 2 == 0 else list(reversed(targets)):
-            if between:
-                await between(target.name, True)
+            before = await meter.read()
             rate, latencies = await _drive(target, request, concurrency, calls)
-            if between:
-                await between(target.name, False)
+            after = await meter.read()
             result = results[target.name]
             result.rates.append(rate)
             result.latencies.extend(latencies)
             result.calls += len(latencies)
+            for name, value in after.items():
+                result.used[name] = result.used.get(name, 0.0) + value - before[name]
     return results
 
 
@@ -294,10 +325,6 @@ async def _token(gateway: Server) -> str:
     )
     login = await accounts.Login(auth_pb2.LoginRequest(username=USERNAME, password=PASSWORD), timeout=30)
     return login.access_token
-
-
-def _ratio_word(ratio: float, target: float) -> str:
-    return "met" if ratio >= target else "not met"
 
 
 async def main() -> None:
@@ -316,11 +343,14 @@ async def main() -> None:
             servers.append(gateways[name])
         for server in servers:
             await server.wait_ready()
-        await _wait_workers(inference)
+        worker_pids = await _wait_workers(inference)
         for name, env in GATEWAYS.items():  # the gateways run with the settings we meant
             info = gateways[name].info
             assert info["inference_passthrough"] == (env["GATEWAY_INFERENCE_PASSTHROUGH"] == "true"), info
             assert info["token_cache_seconds"] == float(env["GATEWAY_TOKEN_CACHE_SECONDS"]), info
+        processes = {server.name: [server.process.pid] for server in servers}
+        processes["inference"] += worker_pids
+        meter = Meter(processes)
 
         token = await _token(gateways["gateway"])
         bearer = (("authorization", f"Bearer {token}"),)
@@ -328,22 +358,22 @@ async def main() -> None:
         via = {name: Target(name, server.stub, bearer) for name, server in gateways.items()}
 
         small = make_infer_request(MODEL, {"input": ("FP32", ROW)})  # raw, as tritonclient sends it
-        big_rows = np.tile(np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32), (BIG_ROWS // 2, 1))
-        big = make_infer_request(MODEL, {"input": ("FP32", big_rows)})
+        pair = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)  # setosa, virginica
+        big = make_infer_request(MODEL, {"input": ("FP32", np.tile(pair, (BIG_ROWS // 2, 1)))})
 
         # correctness, once each, outside the timing; and no token, no inference through the gateway
         for target in (direct, *via.values()):
             answer = response_arrays(await target.stub.ModelInfer(small, timeout=30, metadata=target.metadata))
             assert answer["label"].tolist() == [0], (target.name, answer)
+        refused = None
         try:
             await via["gateway"].stub.ModelInfer(small, timeout=30)
-            raise AssertionError("the gateway answered ModelInfer without a token")
         except grpc.aio.AioRpcError as error:
-            assert error.code() is grpc.StatusCode.UNAUTHENTICATED, error
-        big_response = await via["gateway"].stub.ModelInfer(big, timeout=30, metadata=bearer)
-        big_answer = response_arrays(big_response)
-        assert big_answer["label"].shape == (BIG_ROWS,), big_answer["label"].shape
-        assert big_answer["label"][:2].tolist() == [0, 2], big_answer["label"][:2]
+            refused = error.code()
+        assert refused is grpc.StatusCode.UNAUTHENTICATED, f"ModelInfer without a token through the gateway: {refused}"
+        big_response = await via["reserialising"].stub.ModelInfer(big, timeout=30, metadata=bearer)
+        labels = response_arrays(big_response)["label"]
+        assert labels.tolist() == [0, 2] * (BIG_ROWS // 2), labels[:4]
         big_bytes = big.ByteSize() + big_response.ByteSize()
 
         for target in (direct, *via.values()):  # warm-up: channels, both workers, every code path
@@ -353,28 +383,20 @@ async def main() -> None:
 
         hop = {
             concurrency: await _compare(
-                [direct, via["gateway"]], small, concurrency, HOP_ROUNDS, HOP_CALLS[concurrency]
+                [direct, via["gateway"]], small, concurrency, HOP_ROUNDS, HOP_CALLS[concurrency], meter
             )
             for concurrency in HOP_CONCURRENCY
         }
         big_results = await _compare(
-            [direct, via["gateway"], via["reserialising"]], big, BIG_CONCURRENCY, BIG_ROUNDS, BIG_CALLS
+            [direct, via["gateway"], via["reserialising"]], big, BIG_CONCURRENCY, BIG_ROUNDS, BIG_CALLS, meter
         )
-
-        validations: dict[str, float] = {"gateway": 0.0, "no-cache": 0.0}
-        validated = ("grpc_server_handled_total", 'grpc_method="ValidateToken"', 'grpc_code="OK"')
-
-        async def count_validations(name: str, before: bool) -> None:
-            value = await asyncio.to_thread(auth.scrape, *validated)
-            validations[name] += -value if before else value
-
         token_results = await _compare(
             [via["gateway"], via["no-cache"]],
             small,
             TOKEN_CONCURRENCY,
             TOKEN_ROUNDS,
             TOKEN_CALLS,
-            between=count_validations,
+            Meter(processes, auth),
         )
     finally:
         for server in reversed(servers):
@@ -383,49 +405,52 @@ async def main() -> None:
 
     print("## Gateway hop: ModelInfer on iris (1 row) through the gateway vs direct to inference\n")
     print(
-        "| concurrency | direct req/s | gateway req/s | gateway/direct "
-        "| direct p50/p99 ms | gateway p50/p99 ms | gateway - direct p50 ms |"
+        "| concurrency | direct req/s | gateway req/s | gateway/direct | direct p50/p99 ms | gateway p50/p99 ms "
+        "| CPU ms/req, all processes: direct / gateway | of which the gateway process |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for concurrency, results in hop.items():
         d, g = results["direct"], results["gateway"]
         print(
-            f"| {concurrency} | {d.rate:.0f} | {g.rate:.0f} | {g.rate / d.rate:.2f} "
-            f"| {d.cell()} | {g.cell()} | {g.ms(0.5) - d.ms(0.5):.2f} |"
+            f"| {concurrency} | {d.rate:.0f} | {g.rate:.0f} | {g.rate / d.rate:.2f} | {d.cell()} | {g.cell()} "
+            f"| {d.cpu():.2f} / {g.cpu():.2f} | {g.per_call('gateway'):.2f} |"
         )
     top = max(HOP_CONCURRENCY)
     ratio = hop[top]["gateway"].rate / hop[top]["direct"].rate
-    print(f"\nTarget gateway/direct >= 0.70 at concurrency {top}: {ratio:.2f}, {_ratio_word(ratio, 0.70)}.")
+    print(f"\nTarget gateway/direct >= 0.70 at concurrency {top}: {ratio:.2f}, {'met' if ratio >= 0.7 else 'NOT met'}.")
 
     print(
-        f"\n| iris batch, concurrency {BIG_CONCURRENCY} | req/s | MB/s | vs direct | p50/p99 ms |\n|---|---|---|---|---|"
+        f"\n| iris {BIG_ROWS:,} rows, concurrency {BIG_CONCURRENCY} | req/s | MB/s | vs direct | p50/p99 ms "
+        "| CPU ms/req, all processes | of which the gateway process |"
     )
-    labels = {
-        "direct": "direct",
-        "gateway": "gateway, passthrough",
-        "reserialising": "gateway, re-serialising",
-    }
-    for name, label in labels.items():
+    print("|---|---|---|---|---|---|---|")
+    names = {"direct": "direct", "gateway": "gateway, passthrough", "reserialising": "gateway, re-serialising"}
+    for name, label in names.items():
         result = big_results[name]
+        gateway_cpu = f"{result.per_call(name):.2f}" if name != "direct" else "-"
         print(
             f"| {label} | {result.rate:.1f} | {result.rate * big_bytes / 1e6:.0f} "
-            f"| {result.rate / big_results['direct'].rate:.2f} | {result.cell()} |"
+            f"| {result.rate / big_results['direct'].rate:.2f} | {result.cell()} | {result.cpu():.1f} | {gateway_cpu} |"
         )
     passthrough_ratio = big_results["gateway"].rate / big_results["reserialising"].rate
     print(
-        f"\n{BIG_ROWS} rows: {big.ByteSize() / 1e6:.2f} MB request + {big_response.ByteSize() / 1e6:.2f} MB response "
-        f"per call. passthrough/re-serialising: {passthrough_ratio:.2f}."
+        f"\nPer call {big.ByteSize() / 1e6:.2f} MB request + {big_response.ByteSize() / 1e6:.2f} MB response. "
+        f"passthrough/re-serialising throughput: {passthrough_ratio:.2f}."
     )
 
     print(
-        f"\n| token check, concurrency {TOKEN_CONCURRENCY} | req/s | p50/p99 ms | ValidateToken per request |"
-        "\n|---|---|---|---|"
+        f"\n| token check, concurrency {TOKEN_CONCURRENCY} | req/s | p50/p99 ms | ValidateToken per request "
+        "| gateway CPU ms/req | auth CPU ms/req | CPU ms/req, all processes |"
     )
+    print("|---|---|---|---|---|---|---|")
     for name, label in (("gateway", "2 s cache (default)"), ("no-cache", "every call (cache 0)")):
         result = token_results[name]
-        print(f"| {label} | {result.rate:.0f} | {result.cell()} | {validations[name] / result.calls:.3f} |")
+        print(
+            f"| {label} | {result.rate:.0f} | {result.cell()} | {result.per_call('validations', 1):.3f} "
+            f"| {result.per_call(name):.2f} | {result.per_call('auth'):.2f} | {result.cpu():.2f} |"
+        )
     token_ratio = token_results["no-cache"].rate / token_results["gateway"].rate
-    print(f"\nEvery call / cached: {token_ratio:.2f}. Whole run: {elapsed:.0f} s.")
+    print(f"\nEvery call / cached throughput: {token_ratio:.2f}. Whole run: {elapsed:.0f} s.")
 
 
 if __name__ == "__main__":
