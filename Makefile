@@ -46,7 +46,7 @@ node_modules/.installed: package.json package-lock.json
 gen/.generated: $(PROTOS) $(VENV)/.deps
 	$(MAKE) --no-print-directory proto
 
-models/.built: $(VENV)/.installed services/inference/make_models.py
+models/.built: $(VENV)/.installed services/inference/make_models.py $(wildcard services/inference/demo_models/*/*)
 	$(PY) -m services.inference.make_models --repository models
 	touch $@
 

@@ -5,8 +5,9 @@ The Open Inference Protocol (KServe "V2") over gRPC, wire-compatible with
 Triton Inference Server's grpc_service.proto and the tritonclient package.
 Package, service, message names and field numbers are fixed by that protocol
 (method paths are /inference.GRPCInferenceService/<Rpc>): do not rename or
-renumber anything here. Triton-only RPCs (model config, statistics, shared
-memory, trace, log settings) are not part of this file.
+renumber anything here. Of Triton's own extensions, ModelConfig and
+ModelStatistics are served (their messages as in Triton's grpc_service.proto and
+model_config.proto); shared memory, trace and log settings are not part of this file.
 """
 
 from collections import abc as _abc
@@ -55,6 +56,12 @@ class GRPCInferenceServiceStub:
     """ModelStreamInfer runs a stream of inference requests (Triton's bidirectional form);
     errors are reported per response in error_message and do not end the stream.
     """
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelConfigRequest, _grpc_service_pb2.ModelConfigResponse]
+    """ModelConfig returns a model's configuration (Triton's "model_configuration" extension)."""
+    ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]
+    """ModelStatistics returns cumulative inference statistics per model version (Triton's
+    "statistics" extension).
+    """
     RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]
     """RepositoryIndex lists the models of a model repository."""
     RepositoryModelLoad: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]
@@ -82,6 +89,12 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     ModelStreamInfer: _aio.StreamStreamMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelStreamInferResponse]  # type: ignore[assignment]
     """ModelStreamInfer runs a stream of inference requests (Triton's bidirectional form);
     errors are reported per response in error_message and do not end the stream.
+    """
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelConfigRequest, _grpc_service_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    """ModelConfig returns a model's configuration (Triton's "model_configuration" extension)."""
+    ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
+    """ModelStatistics returns cumulative inference statistics per model version (Triton's
+    "statistics" extension).
     """
     RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
     """RepositoryIndex lists the models of a model repository."""
@@ -149,6 +162,24 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_grpc_service_pb2.ModelStreamInferResponse], _abc.AsyncIterator[_grpc_service_pb2.ModelStreamInferResponse]]:
         """ModelStreamInfer runs a stream of inference requests (Triton's bidirectional form);
         errors are reported per response in error_message and do not end the stream.
+        """
+
+    @_abc_1.abstractmethod
+    def ModelConfig(
+        self,
+        request: _grpc_service_pb2.ModelConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.ModelConfigResponse, _abc.Awaitable[_grpc_service_pb2.ModelConfigResponse]]:
+        """ModelConfig returns a model's configuration (Triton's "model_configuration" extension)."""
+
+    @_abc_1.abstractmethod
+    def ModelStatistics(
+        self,
+        request: _grpc_service_pb2.ModelStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.ModelStatisticsResponse, _abc.Awaitable[_grpc_service_pb2.ModelStatisticsResponse]]:
+        """ModelStatistics returns cumulative inference statistics per model version (Triton's
+        "statistics" extension).
         """
 
     @_abc_1.abstractmethod

@@ -37,6 +37,8 @@ INFERENCE_ACCESS = {
     "ModelMetadata": Access.USER,
     "ModelInfer": Access.USER,
     "ModelStreamInfer": Access.USER,
+    "ModelConfig": Access.USER,
+    "ModelStatistics": Access.USER,
     "RepositoryIndex": Access.USER,
     "RepositoryModelLoad": Access.ADMIN,
     "RepositoryModelUnload": Access.ADMIN,
@@ -45,7 +47,16 @@ INFERENCE_ACCESS = {
 _INFERENCE = "inference.GRPCInferenceService"
 AUTH_IDEMPOTENT = [("auth.v1.AuthService", "ValidateToken"), ("grpc.health.v1.Health", "")]
 INFERENCE_IDEMPOTENT = [
-    (_INFERENCE, name) for name in ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata")
+    (_INFERENCE, name)
+    for name in (
+        "ServerLive",
+        "ServerReady",
+        "ServerMetadata",
+        "ModelReady",
+        "ModelMetadata",
+        "ModelConfig",
+        "ModelStatistics",
+    )
 ] + [("inference.v1.WorkerPoolService", "GetWorkerHealth"), ("grpc.health.v1.Health", "")]
 
 

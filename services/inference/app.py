@@ -19,7 +19,7 @@ from services.inference.settings import InferenceSettings
 
 SERVICE = "inference"
 SERVER_NAME = "ml-platform-inference"
-EXTENSIONS = ("model_repository", "schedule_policy")
+EXTENSIONS = ("model_repository", "schedule_policy", "model_configuration", "statistics")
 # glibc's allocator makes multi-MiB message throughput erratic; a high mmap threshold keeps it steady.
 WORKER_ENV_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": "33554432", "OMP_NUM_THREADS": "1"}
 

@@ -220,6 +220,29 @@ def check_requested_outputs(names: Sequence[str], outputs: Sequence[SpecLike]) -
         seen.add(name)
 
 
+def batch_size(inputs: Mapping[str, Array], max_batch_size: int, model_name: str = "the model") -> int:
+    """The number of inferences in a request: its batch (the first dimension, the same for every
+    input, at most ``max_batch_size``) when the model batches (``max_batch_size`` > 0), else 1.
+    Raises InvalidArgument for a batch that is too large or differs between inputs."""
+    if max_batch_size <= 0:
+        return 1
+    sizes = {name: array.shape[0] for name, array in inputs.items() if array.ndim}
+    batches = sorted(set(sizes.values()))
+    if len(batches) > 1:
+        raise InvalidArgument(
+            f"the inputs of a request to {model_name} must have the same batch size (first dimension), "
+            f"got {', '.join(f'{name}: {size}' for name, size in sizes.items())}",
+            [(f"inputs[{name}].shape", "must have the same first dimension as the other inputs") for name in sizes],
+        )
+    batch = batches[0] if batches else 1
+    if batch > max_batch_size:
+        raise InvalidArgument(
+            f"the batch size (first dimension) must be <= {max_batch_size} for {model_name}, got {batch}",
+            [(f"inputs[{name}].shape", f"first dimension must be <= {max_batch_size}") for name in sizes],
+        )
+    return int(batch)
+
+
 def _check_raw_count(request: pb.ModelInferRequest, entries: int) -> None:
     carriers = [tensor.name for tensor in request.inputs if not tensor.HasField("contents")]
     if entries == len(carriers):
@@ -565,6 +588,7 @@ __all__ = [
     "ModelOutputError",
     "ParameterValue",
     "SpecLike",
+    "batch_size",
     "bf16_bits_to_float32",
     "check_requested_outputs",
     "decode_request",

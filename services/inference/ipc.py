@@ -670,7 +670,11 @@ class BlockingChannel:
 
     def read(self) -> Message:
         """The next message; blocks. EOFError at the end of the pipe, ProtocolError on a malformed frame."""
-        return decode(self.read_payload(), shm_prefix=self._shm_prefix or None)
+        return self.decode(self.read_payload())
+
+    def decode(self, payload: bytes) -> Message:
+        """The message in a frame from :meth:`read_payload` (with this channel's segment prefix)."""
+        return decode(payload, shm_prefix=self._shm_prefix or None)
 
     def send(self, message: Message, *, shm_threshold: int | None = None, shm_prefix: str | None = None) -> None:
         """Encode and write one message; safe to call from several threads. OSError if the pipe broke."""

@@ -1,4 +1,6 @@
-"""Train the demo models into a model repository: ``python -m services.inference.make_models``.
+"""Build the demo models into a model repository: ``python -m services.inference.make_models``.
+
+Trained (the data ship with scikit-learn: nothing is downloaded; every random state is fixed):
 
 * ``iris`` (sklearn runtime): standard scaling + logistic regression on scikit-learn's iris
   data, saved with skops. Input ``input`` FP32 [-1, 4]; outputs ``label`` INT64 [-1] and
@@ -6,8 +8,16 @@
 * ``digits`` (onnx runtime): the same pipeline on the 8x8 digits data, exported with skl2onnx.
   Input ``input`` FP32 [-1, 64]; outputs ``label`` INT64 [-1] and ``probabilities`` FP32 [-1, 10].
 
-The data ship with scikit-learn (nothing is downloaded) and every random state is fixed. A
-version that already has its config and artifact is skipped unless ``--force``. A version is
+Written from source (python runtime; ``config.yaml`` and ``model.py`` under ``demo_models/<name>/``
+in this package), with the inputs and outputs of Triton's example models of the same names:
+
+* ``simple``: ``INPUT0``, ``INPUT1`` INT32 [-1, 16] -> ``OUTPUT0`` = sum, ``OUTPUT1`` = difference.
+* ``simple_string``: the same on BYTES tensors of decimal integers, answered as BYTES strings.
+* ``simple_identity``: ``INPUT0`` BYTES [-1, -1] -> ``OUTPUT0`` unchanged.
+* ``sum``: ``INPUT0`` FP32 [-1, -1] -> ``OUTPUT0`` FP32 [-1], the sum of each row (large payloads).
+* ``identity_fp32``: ``INPUT0`` FP32 [-1, -1] -> ``OUTPUT0`` unchanged (large payloads both ways).
+
+A version that already has its config and artifact is skipped unless ``--force``. A version is
 written to a hidden directory first and renamed into place, so a scan never sees half a model.
 """
 
@@ -21,6 +31,8 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +112,7 @@ class DemoModel:
     data: Callable[[], tuple[np.ndarray, np.ndarray]]  # features (float32), target
     train: Callable[[np.ndarray, np.ndarray], Any]  # a fitted scikit-learn estimator
     save: Callable[[Any, Path], None]  # writes the artifact
+    config_text: str = ""  # the config file as written; "" = generated from ``config``
 
 
 IRIS = DemoModel(
@@ -120,7 +133,47 @@ DIGITS = DemoModel(
     train=_train_classifier,
     save=_save_onnx,
 )
-DEMO_MODELS = (IRIS, DIGITS)
+
+
+def _source(name: str) -> Traversable:
+    """The packaged source directory of a python demo model."""
+    return resources.files("services.inference") / "demo_models" / name
+
+
+def _no_data() -> tuple[np.ndarray, np.ndarray]:
+    return np.empty((0, 0), dtype=np.float32), np.empty(0)
+
+
+def _no_training(features: np.ndarray, target: np.ndarray) -> None:
+    return None
+
+
+def _copy_from(source: Traversable) -> Callable[[Any, Path], None]:
+    def save(estimator: Any, path: Path) -> None:
+        path.write_bytes((source / path.name).read_bytes())
+
+    return save
+
+
+def python_demo(name: str) -> DemoModel:
+    """A demo model written from its packaged ``config.yaml`` (copied as it is) and ``model.py``."""
+    source = _source(name)
+    text = (source / "config.yaml").read_text(encoding="utf-8")
+    return DemoModel(
+        name=name,
+        version=1,
+        artifact="model.py",
+        config=yaml.safe_load(text),
+        data=_no_data,
+        train=_no_training,
+        save=_copy_from(source),
+        config_text=text,
+    )
+
+
+PYTHON_DEMO_NAMES = ("simple", "simple_string", "simple_identity", "sum", "identity_fp32")
+PYTHON_DEMOS = tuple(python_demo(name) for name in PYTHON_DEMO_NAMES)
+DEMO_MODELS = (IRIS, DIGITS, *PYTHON_DEMOS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +205,10 @@ def build(demo: DemoModel, repository: Path, *, force: bool = False) -> BuildRes
     staging.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
     try:
         demo.save(estimator, staging / demo.artifact)
-        config_text = yaml.safe_dump(demo.config, sort_keys=False, default_flow_style=None)
-        (staging / "config.yaml").write_text(f"# Written by {PROGRAM}.\n{config_text}", encoding="utf-8")
+        config_text = demo.config_text or (
+            f"# Written by {PROGRAM}.\n" + yaml.safe_dump(demo.config, sort_keys=False, default_flow_style=None)
+        )
+        (staging / "config.yaml").write_text(config_text, encoding="utf-8")
         (staging / "config.yaml").replace(model_dir / "config.yaml")
         if version_dir.exists():
             shutil.rmtree(version_dir)

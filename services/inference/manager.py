@@ -24,6 +24,7 @@ from services.inference import ipc
 from services.inference.metrics import InferenceMetrics
 from services.inference.pool import PoolSettings, WorkerHealth, WorkerPool, WorkerState
 from services.inference.repository import ModelConfig, ModelEntry, scan
+from services.inference.stats import InferenceStatistics, RequestTimer, VersionStatistics
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class ModelManager:
         self._ready = False
         self._scanned = False
         self._drains: set[asyncio.Task[None]] = set()
+        self.statistics = InferenceStatistics()
 
     # -- loading --------------------------------------------------------------------------
 
@@ -239,6 +241,8 @@ class ModelManager:
             pools = [*model.pools.values(), *model.draining]
             model.pools = {}
             await asyncio.gather(*(pool.drain() for pool in pools))
+        if name not in self._models:  # not loaded again meanwhile
+            self.statistics.forget(name)
         log.info("model.unloaded", extra=fields(model=name))
         self._changed()
 
@@ -323,11 +327,12 @@ class ModelManager:
         *,
         deadline: float,
         traceparent: str,
+        timer: RequestTimer | None = None,
     ) -> ipc.InferResult:
         started = time.perf_counter()
         outcome = "error"
         try:
-            result = await pool.infer(inputs, outputs, deadline=deadline, traceparent=traceparent)
+            result = await pool.infer(inputs, outputs, deadline=deadline, traceparent=traceparent, timer=timer)
             outcome = "ok"
             return result
         except Exception as error:
@@ -362,6 +367,21 @@ class ModelManager:
             ]
             entries += sorted(rows, key=lambda row: (int(row.version or 0), row.state))
         return entries
+
+    def model_statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
+        """Statistics of the served versions of ``name`` (empty: every model), or of one ``version``."""
+        models = [self.model(name)] if name else sorted(self._models.values(), key=lambda m: m.name)
+        rows = []
+        for model in models:
+            versions = sorted(model.pools, key=int)
+            if version:
+                if version not in model.pools:
+                    raise NotFound(
+                        f"model {model.name!r} has no served version {version!r}", reason="VERSION_NOT_FOUND"
+                    )
+                versions = [version]
+            rows += [self.statistics.get(model.name, served) for served in versions]
+        return rows
 
     def repository_names(self) -> list[str]:
         return sorted(self._models)

@@ -30,6 +30,7 @@ from services.common.logs import fields
 from services.inference import ipc
 from services.inference.metrics import InferenceMetrics
 from services.inference.process import WorkerGone, WorkerProcess, WorkerSpec, WorkerStartError
+from services.inference.stats import RequestTimer
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -439,17 +440,34 @@ class WorkerPool:
         self._note_idle()
 
     async def infer(
-        self, inputs: dict[str, np.ndarray], outputs: list[str], *, deadline: float, traceparent: str
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        *,
+        deadline: float,
+        traceparent: str,
+        timer: RequestTimer | None = None,
     ) -> ipc.InferResult:
-        """Run one inference on a worker of this pool, within ``deadline`` (unix seconds)."""
-        with _tracer.start_as_current_span("inference.queue", attributes={"model": self.model_name}):
+        """Run one inference on a worker of this pool, within ``deadline`` (unix seconds).
+
+        ``timer`` gets the wait for a worker (queue) and the worker's timings (compute_*).
+        """
+        timer = timer or RequestTimer()
+        with (
+            _tracer.start_as_current_span("inference.queue", attributes={"model": self.model_name}),
+            timer.measure("queue"),
+        ):
             slot = await self._acquire(deadline)
         with _tracer.start_as_current_span(
             "inference.dispatch", attributes={"model": self.model_name, "worker.id": slot.worker_id}
         ):
             carrier: dict[str, str] = {}
             propagate.inject(carrier)  # the worker's span becomes a child of this one
-            return await self._dispatch(slot, inputs, outputs, deadline, carrier.get("traceparent", traceparent))
+            result = await self._dispatch(slot, inputs, outputs, deadline, carrier.get("traceparent", traceparent))
+        timer.add("compute_input", result.compute_input_ns)
+        timer.add("compute_infer", result.compute_infer_ns)
+        timer.add("compute_output", result.compute_output_ns)
+        return result
 
     async def _dispatch(
         self, slot: _Slot, inputs: dict[str, np.ndarray], outputs: list[str], deadline: float, traceparent: str

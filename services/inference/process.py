@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,8 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self._process is not None and self._process.returncode is None and not self.exited.is_set()
 
-    async def _call(self, message: Any, request_id: int, limit_seconds: float | None) -> Any:
+    async def _send(self, message: Any, request_id: int) -> asyncio.Future[Any]:
+        """Write ``message``; the future of its answer."""
         if not self.alive or self._writer is None:
             raise WorkerGone("the worker process is not running")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -179,21 +180,43 @@ class WorkerProcess:
         except (OSError, ConnectionError, RuntimeError) as error:
             self._pending.pop(request_id, None)
             raise WorkerGone(f"cannot write to the worker: {type(error).__name__}") from None
+        return future
+
+    async def _answer(self, future: asyncio.Future[Any], request_id: int, limit_seconds: float | None) -> Any:
         try:
             return await asyncio.wait_for(future, limit_seconds)
         finally:
             self._pending.pop(request_id, None)
 
+    async def _call(self, message: Any, request_id: int, limit_seconds: float | None) -> Any:
+        return await self._answer(await self._send(message, request_id), request_id, limit_seconds)
+
     async def infer(
         self, inputs: dict[str, np.ndarray], outputs: list[str], *, deadline: float, traceparent: str
     ) -> ipc.InferResult | ipc.Failure:
-        """Run one inference; TimeoutError when the deadline passes (the caller kills the worker)."""
+        """Run one inference; TimeoutError when the deadline passes (the caller kills the worker).
+
+        The result's timings are the worker's, completed here: ``compute_input_ns`` adds the
+        hand-over (encoding the call, shared-memory writes, the pipe), and ``compute_output_ns``
+        becomes everything between the hand-over and the answer that was not the worker's input
+        decoding or the model (the worker's output encoding and the way back).
+        """
         request_id = next(self._ids)
         call = ipc.InferCall(request_id, traceparent, inputs, outputs, deadline)
-        result = await self._call(call, request_id, max(0.0, deadline - time.time()))
-        if isinstance(result, ipc.InferResult):
-            self.requests_served += 1
-        return result  # type: ignore[no-any-return]
+        started = time.perf_counter_ns()
+        future = await self._send(call, request_id)
+        sent = time.perf_counter_ns()
+        result = await self._answer(future, request_id, max(0.0, deadline - time.time()))
+        if not isinstance(result, ipc.InferResult):
+            return result  # type: ignore[no-any-return]
+        answered = time.perf_counter_ns()
+        self.requests_served += 1
+        in_worker = result.compute_input_ns + result.compute_infer_ns
+        return replace(
+            result,
+            compute_input_ns=result.compute_input_ns + sent - started,
+            compute_output_ns=max(result.compute_output_ns, answered - sent - in_worker),
+        )
 
     async def ping(self, limit_seconds: float) -> ipc.Pong:
         request_id = next(self._ids)

@@ -2,7 +2,9 @@
 
 Thin: protobuf tensors are decoded and validated by :mod:`codec`, the model is resolved and
 run by :class:`ModelManager`, and the answer is encoded back (raw outputs whenever the request
-used raw inputs, as tritonclient expects).
+used raw inputs, as tritonclient expects). Each inference is timed into the manager's
+statistics (:mod:`stats`); ModelConfig and ModelStatistics (Triton's extensions) are built by
+:mod:`converters`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from inference import grpc_service_pb2_grpc
 from opentelemetry import propagate
 
 from services.common.errors import Internal, InvalidArgument, ServiceError
-from services.inference import codec
+from services.inference import codec, converters
 from services.inference.manager import ModelManager
 
 DEADLINE_MARGIN_SECONDS = 0.005  # answer DEADLINE_EXCEEDED ourselves just before the client gives up
@@ -83,36 +85,56 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        model, _ = self._manager.resolve(request.name, request.version)
+        return pb.ModelConfigResponse(config=converters.model_config(self._manager.config(model)))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.version and not request.name:
+            raise InvalidArgument("a version needs a model name", [("name", "must be set when version is")])
+        return converters.model_statistics(self._manager.model_statistics(request.name, request.version))
+
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         if not request.model_name:
             raise InvalidArgument("model_name is required", [("model_name", "must not be empty")])
         model, pool = self._manager.resolve(request.model_name, request.model_version)
         config = self._manager.config(model)
-        decoded = codec.decode_request(request, config.inputs)
-        codec.check_requested_outputs(decoded.requested_outputs, config.outputs)
-        timeout = config.timeout_seconds or self._default_timeout
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
-        result = await self._manager.infer(
-            pool,
-            decoded.inputs,
-            decoded.requested_outputs,
-            deadline=time.time() + max(0.0, timeout),
-            traceparent=_traceparent(),
-        )
-        try:
-            return codec.encode_response(
-                model_name=model.name,
-                model_version=pool.model_version,
-                request_id=decoded.id,
-                outputs=result.outputs,
-                specs=config.outputs,
-                requested=decoded.requested_outputs,
-                raw=decoded.raw,
+        with self._manager.statistics.request(model.name, pool.model_version) as timer:
+            with timer.measure("compute_input"):
+                decoded = codec.decode_request(request, config.inputs)
+                codec.check_requested_outputs(decoded.requested_outputs, config.outputs)
+                batch_size = codec.batch_size(decoded.inputs, config.max_batch_size, model.name)
+            timeout = config.timeout_seconds or self._default_timeout
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
+            result = await self._manager.infer(
+                pool,
+                decoded.inputs,
+                decoded.requested_outputs,
+                deadline=time.time() + max(0.0, timeout),
+                traceparent=_traceparent(),
+                timer=timer,
             )
-        except codec.ModelOutputError as error:
-            raise Internal(f"model {model.name} returned unusable outputs: {error}") from None
+            with timer.measure("compute_output"):
+                try:
+                    response = codec.encode_response(
+                        model_name=model.name,
+                        model_version=pool.model_version,
+                        request_id=decoded.id,
+                        outputs=result.outputs,
+                        specs=config.outputs,
+                        requested=decoded.requested_outputs,
+                        raw=decoded.raw,
+                    )
+                except codec.ModelOutputError as error:
+                    raise Internal(f"model {model.name} returned unusable outputs: {error}") from None
+            timer.succeeded(batch_size)
+        return response
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext

@@ -46,7 +46,7 @@ class Worker:
         self._channel = ipc.BlockingChannel(
             args.read_fd, args.write_fd, shm_threshold=args.shm_threshold, shm_prefix=args.shm_prefix
         )
-        self._calls: queue.Queue[ipc.InferCall | None] = queue.Queue()
+        self._calls: queue.Queue[tuple[ipc.InferCall, int] | None] = queue.Queue()  # with its decoding ns
         self._served = 0
         self._tracer = trace.get_tracer(__name__)
 
@@ -57,11 +57,13 @@ class Worker:
         """Answer pings at once; queue inferences for the main thread; stop on Shutdown or EOF."""
         try:
             while True:
-                message = self._channel.read()
+                payload = self._channel.read_payload()
+                decoding = time.perf_counter_ns()
+                message = self._channel.decode(payload)
                 if isinstance(message, ipc.Ping):
                     self._send(ipc.Pong(message.request_id, os.getpid(), _rss_bytes(), self._served))
                 elif isinstance(message, ipc.InferCall):
-                    self._calls.put(message)
+                    self._calls.put((message, time.perf_counter_ns() - decoding))
                 elif isinstance(message, ipc.Shutdown):
                     break
         except (EOFError, OSError):
@@ -83,13 +85,13 @@ class Worker:
         self._send(ipc.Ready(os.getpid(), config.name, args.version))
         log.info("worker.ready", extra=fields(worker_id=args.worker_id, model=config.name, version=args.version))
         threading.Thread(target=self._read_loop, name="ipc-reader", daemon=True).start()
-        while (call := self._calls.get()) is not None:
-            self._serve(runtime, call)
+        while (queued := self._calls.get()) is not None:
+            self._serve(runtime, *queued)
         runtime.unload()
         log.info("worker.stopping", extra=fields(worker_id=args.worker_id, served=self._served))
         return 0
 
-    def _serve(self, runtime: Any, call: ipc.InferCall) -> None:
+    def _serve(self, runtime: Any, call: ipc.InferCall, decode_ns: int) -> None:
         context = propagate.extract({"traceparent": call.traceparent}) if call.traceparent else None
         with self._tracer.start_as_current_span("model.predict", context=context) as span:
             span.set_attribute("worker.id", self._args.worker_id)
@@ -110,12 +112,15 @@ class Worker:
             inferred = time.perf_counter_ns()
             if call.outputs:
                 outputs = {name: value for name, value in outputs.items() if name in call.outputs}
+            prepared = time.perf_counter_ns()
             log.info(
                 "worker.inference",
                 extra=fields(worker_id=self._args.worker_id, compute_ms=round((inferred - started) / 1e6, 3)),
             )
             try:
-                self._send(ipc.InferResult(call.request_id, outputs, 0, inferred - started, 0))
+                self._send(
+                    ipc.InferResult(call.request_id, outputs, decode_ns, inferred - started, prepared - inferred)
+                )
             except ValueError as error:  # outputs the protocol cannot carry (e.g. str arrays)
                 log.warning("worker.bad_outputs", extra=fields(worker_id=self._args.worker_id, error=str(error)))
                 self._send(ipc.Failure(call.request_id, "INTERNAL", "the model returned outputs that cannot be sent"))

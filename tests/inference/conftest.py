@@ -127,8 +127,9 @@ async def start_inference(
         await server.stop()
 
 
-def triton(command: dict[str, Any]) -> dict[str, Any]:
-    """Run the official tritonclient (its own venv and process) with one command."""
+def triton(command: dict[str, Any] | list[dict[str, Any]]) -> Any:
+    """Run the official tritonclient (its own venv and process) with one command, or a list of them
+    on one client (one answer per command)."""
     done = subprocess.run(
         [str(CLIENTS_PYTHON), str(REPO / "tests" / "clients" / "triton.py")],
         input=json.dumps(command),

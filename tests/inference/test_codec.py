@@ -610,3 +610,16 @@ def test_bf16_conversion_rounds_to_nearest_even():
     assert math.isnan(codec.bf16_bits_to_float32(bits)[6])
     assert codec.bf16_bits_to_float32(bits[:4]).tolist() == [1.0, -2.0, 1.0, 1 + 2**-6]
     assert codec.float32_to_bf16_bits(np.float32(-0.0)).tolist() == 0x8000
+
+
+def test_batch_size_is_the_shared_first_dimension_within_the_limit():
+    rows = {"a": np.zeros((3, 16)), "b": np.zeros((3, 2))}
+    assert codec.batch_size(rows, max_batch_size=0) == 1  # the model does not batch
+    assert codec.batch_size(rows, max_batch_size=8) == 3
+    assert codec.batch_size(rows, max_batch_size=3) == 3
+    with pytest.raises(InvalidArgument, match=r"must be <= 2 for simple, got 3") as too_big:
+        codec.batch_size(rows, max_batch_size=2, model_name="simple")
+    assert ("inputs[a].shape", "first dimension must be <= 2") in too_big.value.violations
+    with pytest.raises(InvalidArgument, match="same batch size") as mixed:
+        codec.batch_size({"a": np.zeros((3, 16)), "b": np.zeros((2, 16))}, max_batch_size=8)
+    assert {field for field, _ in mixed.value.violations} == {"inputs[a].shape", "inputs[b].shape"}
