@@ -105,6 +105,7 @@ class ModelManager:
         self._ready = False
         self._scanned = False
         self._drains: set[asyncio.Task[None]] = set()
+        self._worker_series: set[tuple[str, str]] = set()
         self.statistics = InferenceStatistics()
 
     # -- loading --------------------------------------------------------------------------
@@ -181,7 +182,10 @@ class ModelManager:
             self._changed()
             for pool in fresh.values():
                 pool.start()
-            ready = await asyncio.gather(*(pool.wait_ready(self._start_timeout) for pool in fresh.values()))
+            # A replacement takes traffic only with all its workers up: half a pool would stall the switch.
+            ready = await asyncio.gather(
+                *(pool.wait_ready(self._start_timeout, every_worker=bool(model.pools)) for pool in fresh.values())
+            )
             model.loading = set()
             failures = {
                 version: pool.last_error or "no worker became ready"
@@ -266,6 +270,9 @@ class ModelManager:
                     counts[(model.name, state.value)] += count
         for (name, state_name), count in counts.items():
             self._metrics.workers.labels(name, state_name).set(count)
+        for gone in self._worker_series - counts.keys():  # an unloaded model leaves no stale series
+            self._metrics.workers.remove(*gone)
+        self._worker_series = set(counts)
         ready = self.ready
         if ready != self._ready:
             self._ready = ready
@@ -335,6 +342,9 @@ class ModelManager:
             result = await pool.infer(inputs, outputs, deadline=deadline, traceparent=traceparent, timer=timer)
             outcome = "ok"
             return result
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the caller went away (or its deadline ran out)
+            raise
         except Exception as error:
             outcome = {
                 "DeadlineExceeded": "timeout",

@@ -11,7 +11,7 @@ class InferenceMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter(
             "inference_requests_total",
-            "Inference requests by model, version and outcome (ok, invalid, timeout, unavailable, error, rejected).",
+            "Inference requests by model, version and outcome (ok, invalid, timeout, unavailable, error, rejected, cancelled).",
             ["model", "version", "outcome"],
             registry=registry,
         )
@@ -28,7 +28,7 @@ class InferenceMetrics:
         self.workers = Gauge("inference_workers", "Workers by model and state.", ["model", "state"], registry=registry)
         self.restarts = Counter(
             "inference_worker_restarts_total",
-            "Workers replaced, by reason (crashed, unresponsive, timeout, cancelled, admin).",
+            "Workers replaced, by reason (crashed, unresponsive, timeout, cancelled, admin, load_failed).",
             ["model", "reason"],
             registry=registry,
         )

@@ -131,6 +131,7 @@ class WorkerPool:
         self._stopping = False
         self._health_task: asyncio.Task[None] | None = None
         self._first_ready = asyncio.Event()
+        self._all_ready = asyncio.Event()
         self._first_failure = asyncio.Event()  # a load failed before any worker was ready
         self._start_error = ""
 
@@ -144,16 +145,19 @@ class WorkerPool:
         if self._max > self._min:
             self._scale_task = loop.create_task(self._scale_loop(), name=f"scale-{self.model_name}")
 
-    async def wait_ready(self, limit_seconds: float) -> bool:
-        """True once a worker is ready; False if the model fails to load or none is ready in time."""
-        ready = asyncio.ensure_future(self._first_ready.wait())
+    async def wait_ready(self, limit_seconds: float, *, every_worker: bool = False) -> bool:
+        """True once a worker (or, with ``every_worker``, each one) is ready.
+
+        False if the model fails to load, or nothing is ready in time.
+        """
+        ready = asyncio.ensure_future((self._all_ready if every_worker else self._first_ready).wait())
         failed = asyncio.ensure_future(self._first_failure.wait())
         try:
             await asyncio.wait((ready, failed), timeout=limit_seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
             failed.cancel()
-        return self._first_ready.is_set()
+        return (self._all_ready if every_worker else self._first_ready).is_set()
 
     @property
     def ready_workers(self) -> int:
@@ -303,6 +307,8 @@ class WorkerPool:
             ready_at = time.monotonic()
             self._set_state(slot, WorkerState.READY)
             self._first_ready.set()
+            if self.ready_workers == len(self._slots):
+                self._all_ready.set()
             self._hand_over(slot)
             await process.exited.wait()
             if self._stopping:
