@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from services.common.client import create_channel
 from services.common.errors import ErrorInterceptor
@@ -54,6 +54,8 @@ class GrpcServer:
         self.settings = settings
         self.service = service
         self.registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):  # memory, CPU, fds, start time, GC
+            collector(registry=self.registry)
         self.tracer_provider = create_tracer_provider(service)
         self._server = grpc.aio.server(
             interceptors=[

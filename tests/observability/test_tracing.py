@@ -86,7 +86,12 @@ async def test_one_request_is_one_trace_across_four_processes(collector, demo_mo
             trace_id = dict(await call.trailing_metadata())["x-trace-id"]
 
         expected = {"gateway", "auth", "inference", "inference-worker"}
-        services = await eventually(lambda: expected <= set(receiver.spans[trace_id]) and receiver.spans[trace_id], 20)
+        try:
+            services = await eventually(
+                lambda: expected <= set(receiver.spans[trace_id]) and receiver.spans[trace_id], 30
+            )
+        except TimeoutError:
+            raise AssertionError(f"spans of {trace_id} by service: {dict(receiver.spans[trace_id])}") from None
         assert "model.predict" in services["inference-worker"]
         assert "inference.dispatch" in services["inference"]
 
