@@ -2,7 +2,15 @@
 
 import asyncio
 
-from bench import auth_login, chassis_overhead, gateway_hop, inference_iris, ipc_throughput, model_lifecycle
+from bench import (
+    auth_login,
+    chassis_overhead,
+    gateway_hop,
+    inference_iris,
+    ipc_throughput,
+    large_tensors,
+    model_lifecycle,
+)
 
 if __name__ == "__main__":
     asyncio.run(chassis_overhead.main())
@@ -10,4 +18,5 @@ if __name__ == "__main__":
     asyncio.run(ipc_throughput.main())
     asyncio.run(inference_iris.main())
     asyncio.run(gateway_hop.main())
+    asyncio.run(large_tensors.main())
     asyncio.run(model_lifecycle.main())
