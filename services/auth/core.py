@@ -119,7 +119,11 @@ class AuthCore:
     async def _hash(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a hash or verify in the bounded pool, inside a span of its own."""
         with _tracer.start_as_current_span("password." + fn.__name__):
-            return await self._pool.run(fn, *args)
+            try:
+                return await self._pool.run(fn, *args)
+            except ResourceExhausted:
+                self._metrics.hash_rejected.inc()
+                raise
 
     # -- accounts -------------------------------------------------------------------------
 

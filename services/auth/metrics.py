@@ -30,6 +30,11 @@ class AuthMetrics:
             buckets=HASH_BUCKETS,
             registry=registry,
         )
+        self.hash_rejected = Counter(
+            "auth_hash_rejected_total",
+            "Hash or verify jobs shed because the hashing pool and its queue were full (RESOURCE_EXHAUSTED).",
+            registry=registry,
+        )
         self.password_hashes = Gauge(
             "auth_password_hashes",
             "Stored password hashes by scheme (legacy ones should reach zero).",

@@ -152,3 +152,12 @@ async def test_saturated_hashing_is_shed_not_queued_forever(start_auth):
     assert {error.code() for error in shed} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all("RetryInfo" in details(error) for error in shed)
     assert any(not isinstance(r, BaseException) for r in results)
+
+
+async def test_shed_hashing_is_counted(start_auth):
+    auth = await start_auth(hash_profile="production", hash_workers=1, hash_queue_limit=0)
+    await auth.register("ursula")
+    results = await asyncio.gather(*(auth.login("ursula") for _ in range(8)), return_exceptions=True)
+    shed = sum(isinstance(r, grpc.aio.AioRpcError) for r in results)
+    assert shed > 0
+    assert metric(auth.server, "auth_hash_rejected_total") == shed
