@@ -31,6 +31,8 @@ from typing import Any
 import grpc
 from auth.v1 import auth_pb2, auth_pb2_grpc
 
+from bench.harness import quantile
+
 PASSWORD = "a perfectly fine passphrase"  # noqa: S105  (the benchmark accounts' password)
 WRONG_PASSWORD = "not the right passphrase"  # noqa: S105
 UNLIMITED = "1000000/minute"
@@ -163,11 +165,6 @@ async def _drive(login: Callable[[], Awaitable[float]], concurrency: int, calls:
     return len(latencies) / elapsed, latencies
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
@@ -194,7 +191,7 @@ async def _throughput(servers: dict[str, Server]) -> None:
                 rates[name].append(rate)
                 lat[name].extend(latencies)
         production, development = (statistics.median(rates[name]) for name in profiles)
-        cells = [f"{_ms(_quantile(lat[n], 0.5))} / {_ms(_quantile(lat[n], 0.99))}" for n in profiles]
+        cells = [f"{_ms(quantile(lat[n], 0.5))} / {_ms(quantile(lat[n], 0.99))}" for n in profiles]
         print(
             f"| {concurrency} | {production:.1f} | {development:.1f} | {production / development:.3f}"
             f" | {cells[0]} | {cells[1]} |"
@@ -256,7 +253,7 @@ async def _enumeration(server: Server) -> None:
     print("|---|---|---|---|---|---|")
     print(
         f"| {ENUM_SAMPLES} | {_ms(unknown_p50)} | {_ms(wrong_p50)} | {unknown_p50 / wrong_p50:.3f}"
-        f" | {_ms(_quantile(unknown, 0.9))} | {_ms(_quantile(wrong, 0.9))} |"
+        f" | {_ms(quantile(unknown, 0.9))} | {_ms(quantile(wrong, 0.9))} |"
     )
     print()
 

@@ -21,6 +21,8 @@ import grpc
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 
+from bench.harness import quantile
+
 CONCURRENCY = (1, 16)
 ROUNDS = 5
 CALLS_PER_ROUND = 2000
@@ -88,11 +90,6 @@ def _start(mode: str) -> tuple[subprocess.Popen[str], int]:
     return process, port
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def main() -> None:
     servers = {mode: _start(mode) for mode in ("bare", "chassis")}
     try:
@@ -109,7 +106,7 @@ async def main() -> None:
                     lat[mode].extend(latencies)
             bare, chassis = statistics.median(rates["bare"]), statistics.median(rates["chassis"])
             cells = [
-                f"{_quantile(lat[m], 0.5) * 1e3:.2f} / {_quantile(lat[m], 0.99) * 1e3:.2f}" for m in ("bare", "chassis")
+                f"{quantile(lat[m], 0.5) * 1e3:.2f} / {quantile(lat[m], 0.99) * 1e3:.2f}" for m in ("bare", "chassis")
             ]
             print(f"| {concurrency} | {bare:.0f} | {chassis:.0f} | {chassis / bare:.2f} | {cells[0]} | {cells[1]} |")
     finally:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import yaml
 from auth.v1 import auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference import grpc_service_pb2 as pb
@@ -56,6 +54,7 @@ from inference import grpc_service_pb2_grpc
 from inference.v1 import worker_pool_pb2 as admin_pb
 from inference.v1 import worker_pool_pb2_grpc
 
+from bench.harness import pinned_repository, process_cpu
 from services.inference.codec import make_infer_request, response_arrays
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -92,22 +91,9 @@ WARMUP_CALLS = 200
 BIG_WARMUP_CALLS = 16
 _READY = (admin_pb.WORKER_STATE_READY, admin_pb.WORKER_STATE_BUSY)
 VALIDATED = ("grpc_server_handled_total", 'grpc_method="ValidateToken"', 'grpc_code="OK"')
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- the servers ----------------------------------------------------------------------------------
-
-
-def _repository(root: Path, models: Path) -> Path:
-    """``root/models/iris``: a copy of the demo model, served by exactly WORKERS processes."""
-    repository = root / "models"
-    target = repository / MODEL
-    shutil.copytree(models / MODEL, target)
-    config_file = target / "config.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config["instances"] = {"min": WORKERS, "max": WORKERS}
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    return repository
 
 
 async def _serve(role: str, args: Sequence[str]) -> None:
@@ -132,7 +118,7 @@ async def _serve(role: str, args: Sequence[str]) -> None:
             from services.inference.app import build_server as build_inference
             from services.inference.settings import InferenceSettings
 
-            repository = _repository(Path(root), Path(args[0]) if args else MODELS)
+            repository = pinned_repository(Path(root), Path(args[0]) if args else MODELS, [MODEL], WORKERS)
             server = await build_inference(InferenceSettings(**common, model_repository=repository))
         elif role == "gateway":
             from services.gateway.app import build_server as build_gateway
@@ -232,11 +218,6 @@ class Target:
     metadata: tuple[tuple[str, str], ...] = ()
 
 
-def _process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
 class Meter:
     """CPU seconds so far of this client and each server process (inference includes its workers);
     with ``auth``, also the ValidateToken calls auth has answered."""
@@ -248,7 +229,7 @@ class Meter:
     async def read(self) -> dict[str, float]:
         own = os.times()
         values = {"client": own.user + own.system}
-        values |= {name: sum(_process_cpu(pid) for pid in pids) for name, pids in self.processes.items()}
+        values |= {name: sum(sum(process_cpu(pid)) for pid in pids) for name, pids in self.processes.items()}
         if self.auth is not None:
             values["validations"] = await asyncio.to_thread(self.auth.scrape, *VALIDATED)
         return values

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,13 +33,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 from inference.v1 import worker_pool_pb2 as admin_pb
 from inference.v1 import worker_pool_pb2_grpc
 
+from bench.harness import machine_busy, pinned_repository, process_cpu, quantile
 from services.inference.codec import make_infer_request, response_arrays
 from services.inference.repository import load_config
 
@@ -55,23 +54,10 @@ WARMUP_CALLS = 200
 SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 ROW = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)  # a setosa: label 0
 CORES = os.cpu_count() or 1
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _READY = (admin_pb.WORKER_STATE_READY, admin_pb.WORKER_STATE_BUSY)
 
 
 # --- the server -----------------------------------------------------------------------------------
-
-
-def _repository(root: Path, models: Path) -> Path:
-    """``root/models/iris``: a copy of the demo model, served by exactly WORKERS processes."""
-    repository = root / "models"
-    target = repository / MODEL
-    shutil.copytree(models / MODEL, target)
-    config_file = target / "config.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config["instances"] = {"min": WORKERS, "max": WORKERS}
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    return repository
 
 
 async def _serve(models: Path) -> None:
@@ -84,7 +70,7 @@ async def _serve(models: Path) -> None:
             port=0,
             metrics_port=0,
             grace_seconds=1,
-            model_repository=_repository(Path(root), models),
+            model_repository=pinned_repository(Path(root), models, [MODEL], WORKERS),
         )
         server = await build_server(settings)
         await server.start()
@@ -137,18 +123,8 @@ async def _workers(admin: worker_pool_pb2_grpc.WorkerPoolServiceStub) -> list[ad
 def _cpu(pids: list[int]) -> list[float]:
     """CPU seconds so far (user + system, all threads): this client, the server, its workers, the whole machine."""
     own = os.times()
-    server, *workers = (_process_cpu(pid) for pid in pids)
-    return [own.user + own.system, server, sum(workers), _machine_busy()]
-
-
-def _machine_busy() -> float:
-    ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS  # all but idle and iowait
-
-
-def _process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    server, *workers = (sum(process_cpu(pid)) for pid in pids)
+    return [own.user + own.system, server, sum(workers), machine_busy()]
 
 
 def _scrape(metrics_port: int) -> tuple[float, float]:
@@ -222,11 +198,6 @@ class _Result:
     server_count: float = 0.0
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def _measure(
     stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub, concurrency: int, pids: list[int], metrics_port: int
 ) -> dict[str, _Result]:
@@ -252,7 +223,7 @@ async def _measure(
 
 
 def _ms(result: _Result, q: float) -> float:
-    return _quantile(result.latencies, q) * 1e3
+    return quantile(result.latencies, q) * 1e3
 
 
 async def main() -> None:

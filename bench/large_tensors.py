@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -56,13 +55,13 @@ from typing import Any
 
 import grpc
 import numpy as np
-import yaml
 from auth.v1 import auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference import grpc_service_pb2 as pb
 from inference.v1 import worker_pool_pb2 as admin_pb
 from inference.v1 import worker_pool_pb2_grpc
 
+from bench.harness import machine_busy, pinned_repository, process_cpu
 from services.inference import codec, ipc
 from services.inference.codec import make_infer_request, response_arrays
 
@@ -98,24 +97,10 @@ SCENARIOS = (
 TARGET_RATIO = 0.80  # identity_fp32 vs the bare echo at 8 MiB (issue 9)
 MICRO_REPEATS = {8: 9, 64: 5}
 _READY = (admin_pb.WORKER_STATE_READY, admin_pb.WORKER_STATE_BUSY)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output", "success")
 
 
 # --- the servers ----------------------------------------------------------------------------------
-
-
-def _repository(root: Path, models: Path) -> Path:
-    """``root/models``: copies of identity_fp32 and sum, each served by exactly WORKERS processes."""
-    repository = root / "models"
-    for name in (IDENTITY, SUM):
-        target = repository / name
-        shutil.copytree(models / name, target)
-        config_file = target / "config.yaml"
-        config = yaml.safe_load(config_file.read_text())
-        config["instances"] = {"min": WORKERS, "max": WORKERS}
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    return repository
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -163,7 +148,7 @@ async def _serve(role: str, args: Sequence[str]) -> None:
             from services.inference.app import build_server as build_inference
             from services.inference.settings import InferenceSettings
 
-            repository = _repository(Path(root), Path(args[0]) if args else MODELS)
+            repository = pinned_repository(Path(root), Path(args[0]) if args else MODELS, [IDENTITY, SUM], WORKERS)
             settings = InferenceSettings(**common, model_repository=repository)
             assert settings.max_message_bytes == MESSAGE_LIMIT, settings.max_message_bytes
             built = await build_inference(settings)
@@ -268,12 +253,6 @@ class Target:
     stats: bool = False  # read the inference service's ModelStatistics around its rounds
 
 
-def _process_cpu(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
-
-
 class Meter:
     """CPU seconds so far of this client and of each server process (inference includes its workers):
     ``name`` user + system, ``name/sys`` system only."""
@@ -290,7 +269,7 @@ class Meter:
         own = os.times()
         values = {"client": own.user + own.system, "client/sys": own.system}
         for name, pids in self.processes.items():
-            times = [_process_cpu(pid) for pid in pids]
+            times = [process_cpu(pid) for pid in pids]
             values[name] = sum(user + system for user, system in times)
             values[f"{name}/sys"] = sum(system for _, system in times)
         return values
@@ -374,12 +353,6 @@ async def _compare(
             for name, value in phases_after.items():
                 result.phases[name] = result.phases.get(name, 0.0) + value - phases_before[name]
     return results
-
-
-def _machine_busy() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, everything but idle and iowait)."""
-    values = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / CLOCK_TICKS
 
 
 def _tensor(mib: int) -> np.ndarray:
@@ -523,7 +496,7 @@ async def main() -> None:
         ]
 
         measuring = time.perf_counter()
-        ours_before, busy_before = sum(v for k, v in meter.cpu().items() if "/" not in k), _machine_busy()
+        ours_before, busy_before = sum(v for k, v in meter.cpu().items() if "/" not in k), machine_busy()
         for scenario in SCENARIOS:
             tensor = _tensor(scenario.mib)
             sizes[scenario.mib] = tensor.nbytes
@@ -535,7 +508,7 @@ async def main() -> None:
             del tensor, requests
         seconds = time.perf_counter() - measuring
         ours = (sum(v for k, v in meter.cpu().items() if "/" not in k) - ours_before) / seconds
-        machine = f"{ours:.2f} cores ours + {(_machine_busy() - busy_before) / seconds - ours:.2f} other"
+        machine = f"{ours:.2f} cores ours + {(machine_busy() - busy_before) / seconds - ours:.2f} other"
     finally:
         for server in reversed(servers):
             await server.close()

@@ -44,13 +44,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
 from inference.v1 import worker_pool_pb2 as admin_pb
 from inference.v1 import worker_pool_pb2_grpc
 
+from bench.harness import CLOCK_TICKS, machine_busy, pinned_repository, quantile
 from services.inference.codec import make_infer_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,22 +76,10 @@ ROUND_SECONDS = 2.0
 AUTOSCALE_ENV = {"INFERENCE_AUTOSCALE_INTERVAL_SECONDS": "0.5", "INFERENCE_SCALE_COOLDOWN_SECONDS": "1"}
 
 CORES = os.cpu_count() or 1
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _READY = (admin_pb.WORKER_STATE_READY, admin_pb.WORKER_STATE_BUSY)
 
 
 # --- the server -----------------------------------------------------------------------------------
-
-
-def _repository(root: Path, model: str, source: Path, low: int, high: int) -> Path:
-    repository = root / "models"
-    target = repository / model
-    shutil.copytree(source / model, target)
-    config_file = target / "config.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config["instances"] = {"min": low, "max": high}
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    return repository
 
 
 async def _serve(model: str, source: Path, low: int, high: int) -> None:
@@ -99,7 +87,7 @@ async def _serve(model: str, source: Path, low: int, high: int) -> None:
     from services.inference.settings import InferenceSettings
 
     with tempfile.TemporaryDirectory(prefix="bench-model-lifecycle-") as root:
-        repository = _repository(Path(root), model, source, low, high)
+        repository = pinned_repository(Path(root), source, [model], low, high)
         settings = InferenceSettings(  # the rest (poll, autoscaling, timeout) from INFERENCE_* in the environment
             host="127.0.0.1", port=0, metrics_port=0, grace_seconds=1, model_repository=repository
         )
@@ -169,11 +157,6 @@ def _start(model: str, source: Path, low: int, high: int, env: dict[str, str]) -
 # --- CPU: ours (this process and every descendant) vs the whole machine ---------------------------
 
 
-def _machine_busy() -> float:
-    ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS  # all but idle and iowait
-
-
 def _ours() -> float:
     """CPU seconds of this process, its live descendants and every descendant already reaped."""
     own = os.times()
@@ -198,13 +181,13 @@ def _ours() -> float:
 class _Cpu:
     start: float = field(default_factory=time.perf_counter)
     ours: float = field(default_factory=_ours)
-    machine: float = field(default_factory=_machine_busy)
+    machine: float = field(default_factory=machine_busy)
 
     def since(self) -> tuple[float, float, float]:
         """Wall seconds, then our and the other processes' mean busy cores since ``start``."""
         wall = time.perf_counter() - self.start
         ours = (_ours() - self.ours) / wall
-        return wall, ours, max(0.0, (_machine_busy() - self.machine) / wall - ours)
+        return wall, ours, max(0.0, (machine_busy() - self.machine) / wall - ours)
 
 
 # --- 1. hot reload under load ---------------------------------------------------------------------
@@ -402,11 +385,6 @@ async def _scaling(label: str, model: str, source: Path, request: pb.ModelInferR
 # --- report ---------------------------------------------------------------------------------------
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _failed(counter: Counter[str]) -> str:
     return ", ".join(f"{count} {code}" for code, count in sorted(counter.items())) or "0"
 
@@ -431,7 +409,7 @@ def _reload_rows(rows: list[_Reload]) -> None:
 
 
 def _ms(rounds: _Rounds, q: float) -> str:
-    return f"{_quantile(rounds.latencies, q) * 1e3:.1f}"
+    return f"{quantile(rounds.latencies, q) * 1e3:.1f}"
 
 
 async def main() -> None:

@@ -1,0 +1,42 @@
+"""What the benchmarks share: a pinned copy of demo models, percentiles, and CPU readings from /proc."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def pinned_repository(root: Path, source: Path, names: Sequence[str], low: int, high: int | None = None) -> Path:
+    """``root/models``: copies of ``names`` from ``source``, each served by ``low``..``high`` worker processes."""
+    repository = root / "models"
+    for name in names:
+        target = repository / name
+        shutil.copytree(source / name, target)
+        config_file = target / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        config["instances"] = {"min": low, "max": low if high is None else high}
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    return repository
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, everything but idle and iowait)."""
+    ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
