@@ -60,6 +60,7 @@ async def build_server(settings: InferenceSettings) -> GrpcServer:
             scale_interval=settings.autoscale_interval_seconds,
             scale_cooldown=settings.scale_cooldown_seconds,
             scale_down_idle=settings.scale_down_idle_seconds,
+            abandon_grace=settings.abandon_grace_seconds,
         ),
         metrics=metrics,
         on_readiness=on_readiness,

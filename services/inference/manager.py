@@ -183,9 +183,14 @@ class ModelManager:
             for pool in fresh.values():
                 pool.start()
             # A replacement takes traffic only with all its workers up: half a pool would stall the switch.
-            ready = await asyncio.gather(
-                *(pool.wait_ready(self._start_timeout, every_worker=bool(model.pools)) for pool in fresh.values())
-            )
+            try:
+                ready = await asyncio.gather(
+                    *(pool.wait_ready(self._start_timeout, every_worker=bool(model.pools)) for pool in fresh.values())
+                )
+            except BaseException:  # cancelled (the service stops): the starting workers stop with it
+                model.loading = set()
+                await asyncio.shield(asyncio.gather(*(pool.stop() for pool in fresh.values())))
+                raise
             model.loading = set()
             failures = {
                 version: pool.last_error or "no worker became ready"

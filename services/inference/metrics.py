@@ -44,6 +44,13 @@ class InferenceMetrics:
             ["model", "outcome"],
             registry=registry,
         )
+        self.abandoned = Counter(
+            "inference_abandoned_total",
+            "Inferences whose caller gave up (deadline or cancellation) while a worker ran them, by what became of"
+            " the worker (finished: it answered within the grace and serves on; killed: it did not).",
+            ["model", "outcome"],
+            registry=registry,
+        )
         self.timeouts = Counter(
             "inference_timeouts_total", "Inferences that ran past their deadline.", ["model"], registry=registry
         )

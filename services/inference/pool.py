@@ -1,10 +1,21 @@
 """The supervised pool of worker processes serving one model version.
 
-Each worker slot has a supervising task that starts a process, waits for it to load the model,
-and starts a new one whenever it ends: a crash (exit), a failed health check (no answer to a
-ping within the timeout: hung or stopped), a request past its deadline or cancelled by its
-client (the process may be stuck in model code, so it is killed), or an operator's restart.
-Crashes back off exponentially, so a model that cannot stay up does not spin the machine.
+Each worker slot has one supervising task, the only owner of its worker's state: it starts a
+process, waits for it to load the model, and starts a new one whenever it ends. Everything else
+only reports events to it (one queue per slot), and the supervisor decides, one event at a time:
+
+    exit of the process            -> "crashed" (whatever else was reported about that process)
+    ping timed out (pipe still up) -> "unresponsive": killed (hung or stopped)
+    ping failed, pipe closed       -> nothing: the exit follows and is recorded as such
+    request abandoned (deadline    -> the worker may finish within ``abandon_grace`` (its answer
+      passed, client cancelled)       is dropped, the worker serves on); if not: killed
+                                      ("timeout" / "cancelled")
+    operator's restart             -> "admin": killed
+    cancellation (stop, scale-down)-> the worker is asked to exit, then killed, and reaped
+
+Kills for a crash, a hang, a deadline or a cancellation back off exponentially (a worker that
+stays up ``HEALTHY_RESET_SECONDS`` clears it), so neither a model that cannot stay up nor a
+caller who cancels every request can keep a model reloading.
 
 Dispatch: a request takes an idle ready worker (round robin among the idle ones), or waits in
 a bounded queue for the next one to come free; a full queue is RESOURCE_EXHAUSTED.
@@ -21,6 +32,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from opentelemetry import propagate, trace
@@ -29,13 +41,14 @@ from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, 
 from services.common.logs import fields
 from services.inference import ipc
 from services.inference.metrics import InferenceMetrics
-from services.inference.process import WorkerGone, WorkerProcess, WorkerSpec, WorkerStartError
+from services.inference.process import PendingInfer, WorkerGone, WorkerProcess, WorkerSpec, WorkerStartError
 from services.inference.stats import RequestTimer
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
 HEALTHY_RESET_SECONDS = 30.0  # a worker up this long clears the crash backoff
+BACKED_OFF = frozenset({"crashed", "unresponsive", "timeout", "cancelled"})  # kills that count toward the backoff
 
 
 class WorkerState(enum.Enum):
@@ -63,6 +76,7 @@ class PoolSettings:
     scale_interval: float = 1.0
     scale_cooldown: float = 5.0
     scale_down_idle: float = 30.0
+    abandon_grace: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +95,27 @@ class WorkerHealth:
     started_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Unresponsive:
+    process: WorkerProcess
+
+
+@dataclass(frozen=True, slots=True)
+class _Abandoned:
+    process: WorkerProcess
+    pending: PendingInfer
+    reason: str  # "timeout" or "cancelled"
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Restart:
+    process: WorkerProcess
+
+
+_Event = _Unresponsive | _Abandoned | _Restart
+
+
 @dataclass
 class _Slot:
     worker_id: str
@@ -91,8 +126,8 @@ class _Slot:
     restarts: int = 0
     failures: int = 0  # consecutive crashes, for the backoff
     last_error: str = ""
-    kill_reason: str = ""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    events: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue, repr=False)
 
 
 class WorkerPool:
@@ -168,26 +203,22 @@ class WorkerPool:
         return next((slot.last_error for slot in self._slots if slot.last_error), "")
 
     async def stop(self) -> None:
-        """Stop every worker (asking first, then SIGTERM/SIGKILL) and fail whoever still waits."""
+        """Stop every worker (asking first, then SIGTERM/SIGKILL), reap it, and fail whoever still waits."""
         self._stopping = True
         for task in (self._health_task, self._scale_task):
             if task is not None:
                 task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(Unavailable(f"model {self.model_name} is being unloaded"))
+        tasks = [slot.task for slot in self._slots if slot.task is not None]
+        for task in tasks:
+            task.cancel()  # each supervisor stops and reaps its own worker
+        await asyncio.gather(*tasks, return_exceptions=True)
         for slot in self._slots:
-            if slot.task is not None:
-                slot.task.cancel()
-        await asyncio.gather(
-            *(slot.process.shutdown(self._settings.stop_grace) for slot in self._slots if slot.process),
-            return_exceptions=True,
-        )
-        for slot in self._slots:
-            if slot.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await slot.task
             self._set_state(slot, WorkerState.STOPPED)
 
     async def drain(self) -> None:
@@ -250,10 +281,7 @@ class WorkerPool:
         self._slots.remove(slot)
         self._scaled("down", reason)
         if slot.task is not None:
-            slot.task.cancel()
-        if slot.process is not None:
-            await slot.process.shutdown(self._settings.stop_grace)
-        if slot.task is not None:
+            slot.task.cancel()  # its supervisor stops and reaps the worker
             with contextlib.suppress(asyncio.CancelledError):
                 await slot.task
 
@@ -283,75 +311,141 @@ class WorkerPool:
         return float(min(self._settings.backoff * 2.0 ** (slot.failures - 1), self._settings.backoff_max))
 
     async def _supervise(self, slot: _Slot) -> None:
-        while not self._stopping:
-            delay = self._backoff(slot)
-            if delay:
+        process: WorkerProcess | None = None
+        try:
+            while not self._stopping:
+                delay = self._backoff(slot)
+                if delay:
+                    self._set_state(slot, WorkerState.RESTARTING)
+                    log.info("worker.restart_delayed", extra=fields(worker_id=slot.worker_id, delay_seconds=delay))
+                    await asyncio.sleep(delay)
+                process = WorkerProcess(self._spec(slot))
+                slot.process = process
+                self._set_state(slot, WorkerState.STARTING)
+                try:
+                    await process.start(self._settings.start_timeout)
+                except WorkerStartError as error:
+                    slot.failures += 1
+                    slot.last_error = f"load failed: {error}"
+                    self._start_error = slot.last_error
+                    if not self._first_ready.is_set():
+                        self._first_failure.set()
+                    self._metrics.restarts.labels(self.model_name, "load_failed").inc()
+                    self._set_state(slot, WorkerState.UNHEALTHY)
+                    continue
+                ready_at = time.monotonic()
+                self._set_state(slot, WorkerState.READY)
+                self._first_ready.set()
+                if self.ready_workers == len(self._slots):
+                    self._all_ready.set()
+                self._hand_over(slot)
+                reason, why = await self._watch(slot, process)
+                if reason in BACKED_OFF:
+                    slot.failures = 0 if time.monotonic() - ready_at > HEALTHY_RESET_SECONDS else slot.failures + 1
+                slot.last_error = why
+                if reason == "crashed":
+                    log.warning(
+                        "worker.exited",
+                        extra=fields(worker_id=slot.worker_id, pid=process.pid, exit_code=process.exit_code),
+                    )
+                await process.close()
+                if self._stopping:
+                    break
+                slot.restarts += 1
+                slot.in_flight = 0
+                self._note_idle()
+                self._metrics.restarts.labels(self.model_name, reason).inc()
                 self._set_state(slot, WorkerState.RESTARTING)
-                log.info("worker.restart_delayed", extra=fields(worker_id=slot.worker_id, delay_seconds=delay))
-                await asyncio.sleep(delay)
-            process = WorkerProcess(self._spec(slot))
-            slot.process = process
-            slot.kill_reason = ""
-            self._set_state(slot, WorkerState.STARTING)
-            try:
-                await process.start(self._settings.start_timeout)
-            except WorkerStartError as error:
-                slot.failures += 1
-                slot.last_error = f"load failed: {error}"
-                self._start_error = slot.last_error
-                if not self._first_ready.is_set():
-                    self._first_failure.set()
-                self._metrics.restarts.labels(self.model_name, "load_failed").inc()
-                self._set_state(slot, WorkerState.UNHEALTHY)
-                continue
-            ready_at = time.monotonic()
-            self._set_state(slot, WorkerState.READY)
-            self._first_ready.set()
-            if self.ready_workers == len(self._slots):
-                self._all_ready.set()
-            self._hand_over(slot)
-            await process.exited.wait()
-            if self._stopping:
-                break
-            reason = slot.kill_reason or "crashed"
-            if reason in ("crashed", "unresponsive"):
-                slot.failures = 0 if time.monotonic() - ready_at > HEALTHY_RESET_SECONDS else slot.failures + 1
-            if reason == "crashed":
-                slot.last_error = f"exited with code {process.exit_code}"
-                log.warning(
-                    "worker.exited",
-                    extra=fields(worker_id=slot.worker_id, pid=process.pid, exit_code=process.exit_code),
+                log.info(
+                    "worker.restarting", extra=fields(worker_id=slot.worker_id, reason=reason, restarts=slot.restarts)
                 )
-            slot.restarts += 1
-            slot.in_flight = 0
-            self._note_idle()
-            self._metrics.restarts.labels(self.model_name, reason).inc()
-            self._set_state(slot, WorkerState.RESTARTING)
-            log.info("worker.restarting", extra=fields(worker_id=slot.worker_id, reason=reason, restarts=slot.restarts))
-            await process.close()
+        finally:
+            # Stopped (pool stop, scale-down) or failed: this worker ends with its supervisor.
+            if process is not None:
+                await asyncio.shield(process.shutdown(self._settings.stop_grace))
 
-    async def _replace(self, slot: _Slot, reason: str, error: str) -> None:
-        """Kill the slot's process; its supervisor starts a new one."""
-        process = slot.process
-        if process is None or slot.kill_reason:
-            return
-        slot.kill_reason = reason
+    async def _watch(self, slot: _Slot, process: WorkerProcess) -> tuple[str, str]:
+        """Serve events about ``process`` until it ends; why it ended (a restart reason) and the error to show."""
+        exited = asyncio.ensure_future(process.exited.wait())
+        try:
+            while True:
+                next_event = asyncio.ensure_future(slot.events.get())
+                try:
+                    await asyncio.wait((exited, next_event), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    next_event.cancel()
+                if exited.done():
+                    return "crashed", f"exited with code {process.exit_code}"
+                event = next_event.result()
+                if event.process is not process:
+                    continue  # about a process that is gone already
+                outcome = await self._handle(slot, process, event, exited)
+                if outcome is not None:
+                    return outcome
+        finally:
+            exited.cancel()
+
+    async def _handle(
+        self, slot: _Slot, process: WorkerProcess, event: _Event, exited: asyncio.Future[Any]
+    ) -> tuple[str, str] | None:
+        """Act on one event; the restart reason and error if the process is to end, else None."""
+        if isinstance(event, _Abandoned):
+            return await self._abandoned(slot, process, event, exited)
+        if isinstance(event, _Unresponsive):
+            if slot.in_flight or slot.state is not WorkerState.READY:
+                return None  # it took a request meanwhile: that request's deadline watches it now
+            if process.gone:  # the ping failed because the process is exiting: that is not a hang
+                await exited
+                return "crashed", f"exited with code {process.exit_code}"
+            log.warning("worker.unresponsive", extra=fields(worker_id=slot.worker_id, pid=process.pid))
+            return await self._kill(
+                slot,
+                process,
+                "unresponsive",
+                f"did not answer a health check within {self._settings.health_timeout:g}s",
+            )
+        return await self._kill(slot, process, "admin", "restarted by an operator")
+
+    async def _abandoned(
+        self, slot: _Slot, process: WorkerProcess, event: _Abandoned, exited: asyncio.Future[Any]
+    ) -> tuple[str, str] | None:
+        """A request gave up on this worker: let it finish within the grace, or kill it."""
+        answer = event.pending.future
+        await asyncio.wait((answer, exited), timeout=self._settings.abandon_grace, return_when=asyncio.FIRST_COMPLETED)
+        process.discard(event.pending)
+        if answer.done() and not answer.cancelled() and answer.exception() is None and not process.gone:
+            self._metrics.abandoned.labels(self.model_name, "finished").inc()
+            log.info(
+                "worker.abandoned_answer_dropped",
+                extra=fields(worker_id=slot.worker_id, reason=event.reason),
+            )
+            self._release(slot)
+            return None
+        if process.gone:
+            await exited
+            return "crashed", f"exited with code {process.exit_code}"
+        self._metrics.abandoned.labels(self.model_name, "killed").inc()
+        return await self._kill(slot, process, event.reason, event.error)
+
+    async def _kill(self, slot: _Slot, process: WorkerProcess, reason: str, error: str) -> tuple[str, str]:
         slot.last_error = error
         self._set_state(slot, WorkerState.UNHEALTHY)
         await process.kill(reason, grace=min(self._settings.stop_grace, 0.2))
+        return reason, error
 
     async def restart(self, worker_id: str) -> bool:
         """An operator's restart; False if there is no such worker."""
         for slot in self._slots:
             if slot.worker_id == worker_id:
-                await self._replace(slot, "admin", "restarted by an operator")
+                if slot.process is not None:
+                    slot.events.put_nowait(_Restart(slot.process))
                 return True
         return False
 
     async def _health_loop(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self._settings.health_interval)
-            # Idle workers only: a busy one is bounded by its request's deadline, which kills it if stuck.
+            # Idle workers only: a busy one is bounded by its request's deadline.
             await asyncio.gather(
                 *(
                     self._check(slot)
@@ -361,18 +455,17 @@ class WorkerPool:
             )
 
     async def _check(self, slot: _Slot) -> None:
+        """Ping the slot's worker; a ping that times out is reported to its supervisor."""
         process = slot.process
         if process is None:
             return
         try:
             await process.ping(self._settings.health_timeout)
-        except (TimeoutError, WorkerGone):
-            if process is not slot.process or slot.kill_reason or self._stopping or slot.in_flight:
-                return  # replaced meanwhile, or it took a request: its deadline watches it now
-            log.warning("worker.unresponsive", extra=fields(worker_id=slot.worker_id, pid=process.pid))
-            await self._replace(
-                slot, "unresponsive", f"did not answer a health check within {self._settings.health_timeout:g}s"
-            )
+        except WorkerGone:
+            return  # the process exited: its supervisor sees the exit itself
+        except TimeoutError:
+            if not self._stopping:
+                slot.events.put_nowait(_Unresponsive(process))
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -437,6 +530,13 @@ class WorkerPool:
                 waiter.cancel()
             self._note_idle()
 
+    def _abandon(self, slot: _Slot, process: WorkerProcess, pending: PendingInfer, reason: str, error: str) -> None:
+        """The request gave up on its answer; the slot stays busy until its supervisor decides."""
+        if slot.process is process and not self._stopping:
+            slot.events.put_nowait(_Abandoned(process, pending, reason, error))
+        else:
+            process.discard(pending)
+
     def _release(self, slot: _Slot) -> None:
         slot.in_flight = 0
         self._last_busy = time.monotonic()
@@ -485,21 +585,29 @@ class WorkerPool:
         self._set_state(slot, WorkerState.BUSY)
         sent = time.perf_counter()
         log.debug("worker.request_sent", extra=fields(worker_id=slot.worker_id, pid=process.pid))
+        gone = Unavailable(
+            f"the worker serving model {self.model_name} exited during the request; retry", retry_after_seconds=1
+        )
         try:
-            result = await process.infer(inputs, outputs, deadline=deadline, traceparent=traceparent)
+            pending = process.submit(inputs, outputs, deadline=deadline, traceparent=traceparent)
+        except WorkerGone:
+            raise gone from None  # its supervisor sees the exit and frees the slot
+        try:
+            await process.sent(pending)
+            await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - time.time()))
         except TimeoutError:
             self._metrics.timeouts.labels(self.model_name).inc()
-            await asyncio.shield(self._replace(slot, "timeout", "an inference ran past its deadline"))
+            self._abandon(slot, process, pending, "timeout", "an inference ran past its deadline")
             raise DeadlineExceeded(f"model {self.model_name} did not answer before the deadline") from None
         except asyncio.CancelledError:
-            await asyncio.shield(self._replace(slot, "cancelled", "the client cancelled an inference"))
+            self._abandon(slot, process, pending, "cancelled", "the client cancelled an inference")
             raise
         except WorkerGone:
-            raise Unavailable(
-                f"the worker serving model {self.model_name} exited during the request; retry", retry_after_seconds=1
-            ) from None
-        else:
-            self._release(slot)
+            process.discard(pending)
+            raise gone from None
+        process.discard(pending)
+        result = process.completed(pending)
+        self._release(slot)
         log.info(
             "worker.response_received",
             extra=fields(

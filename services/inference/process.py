@@ -4,6 +4,10 @@ The process is started with ``subprocess`` (never forked from this gRPC process)
 ``python -m services.inference.worker``, with two pipes passed by file descriptor. A reader
 task routes every answer to the future of the request it answers; when the pipe closes (the
 process died), every pending request fails with :class:`WorkerGone`.
+
+Every way out (a failed or cancelled start, :meth:`WorkerProcess.kill`,
+:meth:`WorkerProcess.shutdown`, :meth:`WorkerProcess.close`) reaps the process and closes
+both pipes: no worker outlives the pool that started it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,16 @@ class WorkerSpec:
     log_format: str = "json"
 
 
+@dataclass(slots=True)
+class PendingInfer:
+    """An inference written to a worker whose answer has not been read yet."""
+
+    request_id: int
+    future: asyncio.Future[Any]
+    started_ns: int
+    sent_ns: int = 0
+
+
 class WorkerProcess:
     """A started worker process and its pipes. Not restartable: the pool makes a new one."""
 
@@ -68,11 +82,24 @@ class WorkerProcess:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._read_task: asyncio.Task[None] | None = None
+        self._exit_task: asyncio.Task[None] | None = None
         self.exited = asyncio.Event()
+        self.pipe_closed = False  # the worker's end of the pipe is gone: it exited (or is exiting)
         self.exit_code: int | None = None
 
     async def start(self, limit_seconds: float) -> None:
-        """Spawn the process and wait until it reports its model loaded (or failed to)."""
+        """Spawn the process and wait until it reports its model loaded (or failed to).
+
+        On any failure, cancellation included, the process is killed and reaped before this returns.
+        """
+        try:
+            await self._start(limit_seconds)
+        except BaseException as error:
+            reason = "cancelled_start" if isinstance(error, asyncio.CancelledError) else "start_failed"
+            await asyncio.shield(self.kill(reason))
+            raise
+
+    async def _start(self, limit_seconds: float) -> None:
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
         command = [
@@ -99,18 +126,27 @@ class WorkerProcess:
             self.spec.log_format,
         ]
         try:
-            self._process = await asyncio.create_subprocess_exec(
-                *command,
-                pass_fds=(to_worker_r, from_worker_w),
-                env=dict(self.spec.env),
-                stdin=subprocess.DEVNULL,
-                close_fds=True,
-            )
-        finally:
-            os.close(to_worker_r)
-            os.close(from_worker_w)
+            try:
+                # Not cancellable half-way: a process spawned but not recorded could not be reaped.
+                self._process = await asyncio.shield(
+                    asyncio.create_subprocess_exec(
+                        *command,
+                        pass_fds=(to_worker_r, from_worker_w),
+                        env=dict(self.spec.env),
+                        stdin=subprocess.DEVNULL,
+                        close_fds=True,
+                    )
+                )
+            finally:
+                os.close(to_worker_r)
+                os.close(from_worker_w)
+        except BaseException:
+            os.close(from_worker_r)
+            os.close(to_worker_w)
+            raise
         self.pid = self._process.pid
         self.started_at = time.time()
+        self._exit_task = asyncio.get_running_loop().create_task(self._watch_exit(self._process))
         self._reader, self._writer = await ipc.open_pipes(from_worker_r, to_worker_w, shm_prefix=self.spec.shm_prefix)
         log.info(
             "worker.started",
@@ -121,20 +157,16 @@ class WorkerProcess:
         try:
             first = await asyncio.wait_for(self._reader.read(), limit_seconds)
         except (TimeoutError, EOFError) as error:
-            await self.kill("start_failed")
             raise WorkerStartError(
                 "the worker exited while loading the model"
                 if isinstance(error, EOFError)
                 else f"the model did not load within {limit_seconds:g}s"
             ) from None
         if isinstance(first, ipc.LoadFailed):
-            await self.kill("load_failed")
             raise WorkerStartError(first.message)
         if not isinstance(first, ipc.Ready):
-            await self.kill("protocol")
             raise WorkerStartError(f"unexpected first message {type(first).__name__}")
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
-        asyncio.get_running_loop().create_task(self._watch_exit())
 
     async def _read_loop(self) -> None:
         reader = self._reader
@@ -148,13 +180,12 @@ class WorkerProcess:
                 if future is not None and not future.done():
                     future.set_result(message)
         except (EOFError, OSError, ValueError):
-            pass
+            self.pipe_closed = True
         finally:
             self._fail_pending(WorkerGone("the worker process exited"))
 
-    async def _watch_exit(self) -> None:
-        if self._process is not None:
-            self.exit_code = await self._process.wait()
+    async def _watch_exit(self, process: asyncio.subprocess.Process) -> None:
+        self.exit_code = await process.wait()
         self.exited.set()
 
     def _fail_pending(self, error: Exception) -> None:
@@ -167,8 +198,17 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self._process is not None and self._process.returncode is None and not self.exited.is_set()
 
-    async def _send(self, message: Any, request_id: int) -> asyncio.Future[Any]:
-        """Write ``message``; the future of its answer."""
+    @property
+    def gone(self) -> bool:
+        """The process exited, or closed its pipe (it is dying): not a hang."""
+        return (
+            self.pipe_closed
+            or self.exited.is_set()
+            or (self._process is not None and self._process.returncode is not None)
+        )
+
+    def _write(self, message: Any, request_id: int) -> asyncio.Future[Any]:
+        """Queue ``message`` on the pipe; the future of its answer."""
         if not self.alive or self._writer is None:
             raise WorkerGone("the worker process is not running")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -176,56 +216,71 @@ class WorkerProcess:
         try:
             frame = ipc.encode(message, shm_threshold=self.spec.shm_threshold, shm_prefix=self.spec.shm_prefix)
             self._writer.write(frame)
-            await self._writer.drain()
         except (OSError, ConnectionError, RuntimeError) as error:
             self._pending.pop(request_id, None)
             raise WorkerGone(f"cannot write to the worker: {type(error).__name__}") from None
         return future
 
-    async def _answer(self, future: asyncio.Future[Any], request_id: int, limit_seconds: float | None) -> Any:
+    async def _drain(self, request_id: int) -> None:
         try:
-            return await asyncio.wait_for(future, limit_seconds)
-        finally:
+            if self._writer is None:
+                raise ConnectionError("closed")
+            await self._writer.drain()
+        except (OSError, ConnectionError, RuntimeError) as error:
             self._pending.pop(request_id, None)
+            raise WorkerGone(f"cannot write to the worker: {type(error).__name__}") from None
 
-    async def _call(self, message: Any, request_id: int, limit_seconds: float | None) -> Any:
-        return await self._answer(await self._send(message, request_id), request_id, limit_seconds)
-
-    async def infer(
+    def submit(
         self, inputs: dict[str, np.ndarray], outputs: list[str], *, deadline: float, traceparent: str
-    ) -> ipc.InferResult | ipc.Failure:
-        """Run one inference; TimeoutError when the deadline passes (the caller kills the worker).
-
-        The result's timings are the worker's, completed here: ``compute_input_ns`` adds the
-        hand-over (encoding the call, shared-memory writes, the pipe), and ``compute_output_ns``
-        becomes everything between the hand-over and the answer that was not the worker's input
-        decoding or the model (the worker's output encoding and the way back).
-        """
+    ) -> PendingInfer:
+        """Write one inference to the worker (without waiting for the pipe to drain)."""
         request_id = next(self._ids)
-        call = ipc.InferCall(request_id, traceparent, inputs, outputs, deadline)
         started = time.perf_counter_ns()
-        future = await self._send(call, request_id)
-        sent = time.perf_counter_ns()
-        result = await self._answer(future, request_id, max(0.0, deadline - time.time()))
+        future = self._write(ipc.InferCall(request_id, traceparent, inputs, outputs, deadline), request_id)
+        return PendingInfer(request_id, future, started)
+
+    async def sent(self, pending: PendingInfer) -> None:
+        """Wait until ``pending`` has been handed to the pipe."""
+        await self._drain(pending.request_id)
+        pending.sent_ns = time.perf_counter_ns()
+
+    def discard(self, pending: PendingInfer) -> None:
+        """Forget ``pending``: its answer, if one comes, is dropped."""
+        self._pending.pop(pending.request_id, None)
+
+    def completed(self, pending: PendingInfer) -> ipc.InferResult | ipc.Failure:
+        """The answer of a finished ``pending`` with the supervisor-side timings filled in.
+
+        ``compute_input_ns`` adds the hand-over (encoding the call, shared-memory writes, the pipe),
+        and ``compute_output_ns`` becomes everything between the hand-over and the answer that was
+        not the worker's input decoding or the model (the worker's output encoding and the way back).
+        """
+        result = pending.future.result()
         if not isinstance(result, ipc.InferResult):
             return result  # type: ignore[no-any-return]
         answered = time.perf_counter_ns()
+        sent = pending.sent_ns or pending.started_ns
         self.requests_served += 1
         in_worker = result.compute_input_ns + result.compute_infer_ns
         return replace(
             result,
-            compute_input_ns=result.compute_input_ns + sent - started,
+            compute_input_ns=result.compute_input_ns + sent - pending.started_ns,
             compute_output_ns=max(result.compute_output_ns, answered - sent - in_worker),
         )
 
     async def ping(self, limit_seconds: float) -> ipc.Pong:
         request_id = next(self._ids)
-        pong = await self._call(ipc.Ping(request_id), request_id, limit_seconds)
+        future = self._write(ipc.Ping(request_id), request_id)
+        try:
+            await self._drain(request_id)
+            pong = await asyncio.wait_for(future, limit_seconds)
+        finally:
+            self._pending.pop(request_id, None)
         self.rss_bytes = pong.rss_bytes
         return pong  # type: ignore[no-any-return]
 
     async def kill(self, reason: str, grace: float = 0.0) -> None:
-        """Stop the process: SIGTERM, then SIGKILL after ``grace`` seconds (0 = at once)."""
+        """Stop the process: SIGTERM, then SIGKILL after ``grace`` seconds (0 = at once); reap it."""
         process = self._process
         if process is not None and process.returncode is None:
             if grace > 0:
@@ -233,17 +288,23 @@ class WorkerProcess:
                     process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
                     process.terminate()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(process.wait(), grace)
+                    await asyncio.wait_for(asyncio.shield(self._reaped()), grace)
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-            await process.wait()
+            await self._reaped()
             log.info(
                 "worker.killed",
                 extra=fields(worker_id=self.spec.worker_id, pid=self.pid, reason=reason, exit_code=process.returncode),
             )
         self._fail_pending(WorkerGone(f"the worker was stopped ({reason})"))
         await self.close()
+
+    async def _reaped(self) -> None:
+        if self._exit_task is not None:
+            await asyncio.shield(self._exit_task)
+        elif self._process is not None:
+            await self._process.wait()
 
     async def shutdown(self, grace: float) -> None:
         """Ask the worker to finish and exit; kill it if it does not within ``grace``."""
@@ -256,6 +317,13 @@ class WorkerProcess:
         await self.kill("shutdown", grace=grace)
 
     async def close(self) -> None:
+        """Reap the process (killing it if it still runs), close both pipes, remove its segments."""
+        process = self._process
+        if process is not None and process.returncode is None and not self.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        if process is not None:
+            await asyncio.shield(self._reaped())
         if self._read_task is not None:
             self._read_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -267,4 +335,5 @@ class WorkerProcess:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        self._fail_pending(WorkerGone("the worker was stopped"))
         ipc.sweep_segments(self.spec.shm_prefix)

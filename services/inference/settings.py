@@ -38,6 +38,12 @@ class InferenceSettings(ServiceSettings):
     restart_backoff_seconds: float = Field(
         default=0.5, gt=0, le=60, description="First delay before restarting a crashed worker; doubles per crash."
     )
+    abandon_grace_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        le=60,
+        description="A worker whose caller gave up (deadline, cancellation) may finish within this; else it is killed.",
+    )
     restart_backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600, description="Longest restart delay.")
     repository_poll_seconds: float = Field(
         default=0.0, ge=0, le=3600, description="How often the repository is checked for changes (0 = never)."

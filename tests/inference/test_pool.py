@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -60,7 +61,6 @@ async def test_stopped_worker_is_detected_and_replaced(start_inference):
     inference = await start_inference(["echo"])
     [before] = await inference.workers("echo")
     os.kill(before.pid, signal.SIGSTOP)
-    started = time.monotonic()
     try:
 
         async def replaced():
@@ -73,8 +73,8 @@ async def test_stopped_worker_is_detected_and_replaced(start_inference):
             os.kill(before.pid, signal.SIGKILL)
     assert "health check" in after.last_error
     assert not is_worker_process(before.pid)
-    detected = time.monotonic() - started
-    assert detected < 30
+    text = await asyncio.to_thread(scrape, inference)
+    assert 'inference_worker_restarts_total{model="echo",reason="unresponsive"} 1.0' in text
     assert (await inference.stub.ModelInfer(echo_request(), timeout=10)).outputs
 
 
@@ -159,6 +159,8 @@ async def test_full_queue_is_resource_exhausted(start_inference):
     codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert any(not isinstance(r, BaseException) for r in results)
+    # The one that queued was counted while it waited, and is no longer.
+    assert 'inference_queue_depth{model="sleepy"} 0.0' in await asyncio.to_thread(scrape, inference)
 
 
 async def test_admin_restart_replaces_a_worker(start_inference):
@@ -211,9 +213,13 @@ async def test_a_cancelled_request_frees_its_worker(start_inference):
     assert (await inference.stub.ModelInfer(echo_request(0.0, "sleepy"), timeout=10)).outputs
 
 
-async def test_request_logs_and_metrics(start_inference, logs):
-    import urllib.request
+def scrape(inference) -> str:
+    url = f"http://127.0.0.1:{inference.server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
 
+
+async def test_request_logs_and_metrics(start_inference, logs):
     inference = await start_inference(["echo"])
     trace_id = "5bf92f3577b34da6a3ce929d0e0e4736"
     await inference.stub.ModelInfer(
@@ -223,13 +229,7 @@ async def test_request_logs_and_metrics(start_inference, logs):
     assert received["latency_ms"] > 0
     assert received["worker_id"] == "echo-v1-0"
 
-    def scrape() -> str:
-        url = f"http://127.0.0.1:{inference.server.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.read().decode()
-
-    text = await asyncio.to_thread(scrape)
+    text = await asyncio.to_thread(scrape, inference)
     assert 'inference_requests_total{model="echo",outcome="ok",version="1"} 1.0' in text
     assert 'inference_workers{model="echo",state="ready"} 1.0' in text
     assert 'inference_request_seconds_count{model="echo"} 1.0' in text
-    assert "inference_queue_depth" in text

@@ -291,7 +291,15 @@ def test_scan_reports_broken_models_beside_good_ones(tmp_path):
 
 def test_scan_of_the_test_models():
     entries = scan(TEST_MODELS)
-    assert {name for name, entry in entries.items() if entry.ok} == {"allkinds", "crashy", "echo", "sleepy", "sleepy2"}
+    assert {name for name, entry in entries.items() if entry.ok} == {
+        "allkinds",
+        "crashy",
+        "echo",
+        "failload",
+        "sleepy",
+        "sleepy2",
+        "slowload",
+    }
     assert "batch_size: unknown field" in entries["broken"].error
     for entry in entries.values():
         if entry.config is not None:

@@ -1,0 +1,3 @@
+"""Raises while loading."""
+
+raise RuntimeError("this model never loads")
