@@ -25,6 +25,7 @@ from services.common.settings import ServiceSettings
 SECRET = "hunter2-do-not-leak"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+LONGER_THAN_ANY_DEADLINE = 3600.0
 
 
 class ChassisTestServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -56,6 +57,12 @@ class ChassisTestServicer(auth_pb2_grpc.AuthServiceServicer):
         await context.send_initial_metadata((("x-upstream-timeout", f"{timeout:.3f}"),))
         return auth_pb2.ChangePasswordResponse()
 
+    async def RequestPasswordReset(self, request, context):
+        """Like ChangePassword, but keeps back more than any caller here allows: nothing is left for the call."""
+        timeout = outgoing_timeout(context, default=5.0, margin=LONGER_THAN_ANY_DEADLINE)
+        await self._upstream.ServerLive(infer_pb.ServerLiveRequest(), timeout=timeout)
+        return auth_pb2.RequestPasswordResetResponse()
+
     async def ResetPassword(self, request, context):
         """An upstream error passes through with its status."""
         await self._upstream.ModelInfer(infer_pb.ModelInferRequest(model_name="m"), timeout=5)
@@ -83,6 +90,24 @@ async def chassis(start_service):
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode()
+
+
+async def scrape_until(port: int, *lines: str, within: float = 10.0) -> str:
+    """The metrics page once it shows every one of ``lines``; AssertionError naming the absent ones if it never does.
+
+    A client call's code is counted by a task that awaits the call's end, so the page may lag the call.
+    """
+    text = ""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                text = await asyncio.to_thread(scrape, port)
+                if all(line in text for line in lines):
+                    return text
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        absent = [line for line in lines if line not in text]
+        raise AssertionError(f"not on the metrics page within {within}s: {absent}") from None
 
 
 async def test_unexpected_exception_is_internal_without_its_text(chassis, logs):
@@ -180,10 +205,12 @@ async def test_metrics_count_the_call_just_made(chassis):
 
 async def test_outgoing_call_propagates_trace_deadline_and_counts_client_metrics(chassis, logs):
     server, stub, _ = chassis
-    call = stub.ChangePassword(auth_pb2.ChangePasswordRequest(), timeout=1.0, metadata=(("traceparent", TRACEPARENT),))
+    call = stub.ChangePassword(auth_pb2.ChangePasswordRequest(), timeout=3.0, metadata=(("traceparent", TRACEPARENT),))
     await call
     timeout = float(dict(await call.initial_metadata())["x-upstream-timeout"])
-    assert 0.5 < timeout <= 0.95  # the caller's 1 s minus the 50 ms margin, less what already passed
+    # The caller's 3 s minus the 50 ms margin, less whatever already passed (not bounded here: no timing
+    # assertion), and not the 5 s default.
+    assert 0 < timeout <= 2.95
 
     upstream_lines = [
         line
@@ -192,11 +219,13 @@ async def test_outgoing_call_propagates_trace_deadline_and_counts_client_metrics
     ]
     assert upstream_lines[0]["trace_id"] == TRACE_ID  # traceparent crossed the hop
 
-    text = await asyncio.to_thread(scrape, server.metrics_port)
-    assert (
+    await scrape_until(
+        server.metrics_port,
+        'grpc_client_started_total{grpc_method="ServerLive",grpc_service="inference.GRPCInferenceService",'
+        'grpc_type="unary"} 1.0',
         'grpc_client_handled_total{grpc_code="OK",grpc_method="ServerLive",'
-        'grpc_service="inference.GRPCInferenceService",grpc_type="unary"} 1.0'
-    ) in text
+        'grpc_service="inference.GRPCInferenceService",grpc_type="unary"} 1.0',
+    )
 
 
 async def test_outgoing_timeout_is_the_default_without_a_client_deadline(chassis):
@@ -206,14 +235,26 @@ async def test_outgoing_timeout_is_the_default_without_a_client_deadline(chassis
     assert float(dict(await call.initial_metadata())["x-upstream-timeout"]) == 5.0
 
 
-async def test_expired_deadline_refuses_the_upstream_call(chassis):
+async def test_less_time_than_the_margin_refuses_the_upstream_call(chassis):
     server, stub, _ = chassis
-    # Less time than the margin: the handler refuses to call upstream at all.
+    # The caller allows 10 s, far more than the handler needs to run, and far less than its margin. The answer
+    # is the handler's own refusal (ErrorInfo from this server, its message), not the client giving up.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ChangePassword(auth_pb2.ChangePasswordRequest(), timeout=0.04)
+        await stub.RequestPasswordReset(auth_pb2.RequestPasswordResetRequest(), timeout=10)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    text = await asyncio.to_thread(scrape, server.metrics_port)
-    assert 'grpc_client_started_total{grpc_method="ServerLive"' not in text
+    assert caught.value.details() == "the deadline expired before the upstream call could be made"
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert any(detail.Unpack(info) for detail in status.details)
+    assert (info.reason, info.domain) == ("DEADLINE_EXCEEDED", "chassis-test")
+
+    text = await scrape_until(
+        server.metrics_port,
+        'grpc_server_handled_total{grpc_code="DEADLINE_EXCEEDED",grpc_method="RequestPasswordReset",'
+        'grpc_service="auth.v1.AuthService",grpc_type="unary"} 1.0',
+    )
+    assert "grpc_client_started_total{" not in text  # no upstream call was even started
 
 
 async def test_upstream_status_passes_through(chassis):
