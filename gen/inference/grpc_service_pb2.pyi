@@ -860,6 +860,46 @@ class StatisticDuration(_message.Message):
 Global___StatisticDuration: _TypeAlias = StatisticDuration  # noqa: Y015
 
 @_typing.final
+class InferBatchStatistics(_message.Message):
+    """The executions of one batch size (Triton's InferBatchStatistics)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    COMPUTE_INPUT_FIELD_NUMBER: _builtins.int
+    COMPUTE_INFER_FIELD_NUMBER: _builtins.int
+    COMPUTE_OUTPUT_FIELD_NUMBER: _builtins.int
+    batch_size: _builtins.int
+    """Rows per execution."""
+    @_builtins.property
+    def compute_input(self) -> Global___StatisticDuration:
+        """Preparing the inputs of those executions."""
+
+    @_builtins.property
+    def compute_infer(self) -> Global___StatisticDuration:
+        """The model's executions."""
+
+    @_builtins.property
+    def compute_output(self) -> Global___StatisticDuration:
+        """Preparing their outputs."""
+
+    def __init__(
+        self,
+        *,
+        batch_size: _builtins.int = ...,
+        compute_input: Global___StatisticDuration | None = ...,
+        compute_infer: Global___StatisticDuration | None = ...,
+        compute_output: Global___StatisticDuration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_infer", b"compute_infer", "compute_input", b"compute_input", "compute_output", b"compute_output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "compute_infer", b"compute_infer", "compute_input", b"compute_input", "compute_output", b"compute_output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferBatchStatistics: _TypeAlias = InferBatchStatistics  # noqa: Y015
+
+@_typing.final
 class InferStatistics(_message.Message):
     """InferStatistics splits the time spent on a model version's inference requests."""
 
@@ -925,6 +965,7 @@ class ModelStatistics(_message.Message):
     INFERENCE_COUNT_FIELD_NUMBER: _builtins.int
     EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     INFERENCE_STATS_FIELD_NUMBER: _builtins.int
+    BATCH_STATS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the model."""
     version: _builtins.str
@@ -939,6 +980,10 @@ class ModelStatistics(_message.Message):
     def inference_stats(self) -> Global___InferStatistics:
         """Where the time went."""
 
+    @_builtins.property
+    def batch_stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___InferBatchStatistics]:
+        """Per batch size: the model executions of that size and where their time went (Triton's batch_stats)."""
+
     def __init__(
         self,
         *,
@@ -948,10 +993,11 @@ class ModelStatistics(_message.Message):
         inference_count: _builtins.int = ...,
         execution_count: _builtins.int = ...,
         inference_stats: Global___InferStatistics | None = ...,
+        batch_stats: _abc.Iterable[Global___InferBatchStatistics] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inference_stats", b"inference_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_count", b"execution_count", "inference_count", b"inference_count", "inference_stats", b"inference_stats", "last_inference", b"last_inference", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_stats", b"batch_stats", "execution_count", b"execution_count", "inference_count", b"inference_count", "inference_stats", b"inference_stats", "last_inference", b"last_inference", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

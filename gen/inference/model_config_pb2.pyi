@@ -336,6 +336,34 @@ class ModelParameter(_message.Message):
 Global___ModelParameter: _TypeAlias = ModelParameter  # noqa: Y015
 
 @_typing.final
+class ModelDynamicBatching(_message.Message):
+    """Dynamic batching (Triton's ModelDynamicBatching: the fields this server uses, Triton's numbers)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFERRED_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_DELAY_MICROSECONDS_FIELD_NUMBER: _builtins.int
+    max_queue_delay_microseconds: _builtins.int
+    """How long a batch may wait for more rows, counted from its oldest request."""
+    @_builtins.property
+    def preferred_batch_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Batch sizes that are sent at once, without waiting for more rows."""
+
+    def __init__(
+        self,
+        *,
+        preferred_batch_size: _abc.Iterable[_builtins.int] | None = ...,
+        max_queue_delay_microseconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_queue_delay_microseconds", b"max_queue_delay_microseconds", "preferred_batch_size", b"preferred_batch_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelDynamicBatching: _TypeAlias = ModelDynamicBatching  # noqa: Y015
+
+@_typing.final
 class ModelConfig(_message.Message):
     """ModelConfig is the configuration of a model."""
 
@@ -372,6 +400,7 @@ class ModelConfig(_message.Message):
     INSTANCE_GROUP_FIELD_NUMBER: _builtins.int
     DEFAULT_MODEL_FILENAME_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    DYNAMIC_BATCHING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the model."""
     platform: _builtins.str
@@ -402,6 +431,10 @@ class ModelConfig(_message.Message):
     def parameters(self) -> _containers.MessageMap[_builtins.str, Global___ModelParameter]:
         """Runtime-specific parameters from the model's config."""
 
+    @_builtins.property
+    def dynamic_batching(self) -> Global___ModelDynamicBatching:
+        """Requests waiting for a worker are joined along the batch dimension (needs max_batch_size > 0)."""
+
     def __init__(
         self,
         *,
@@ -415,10 +448,11 @@ class ModelConfig(_message.Message):
         instance_group: _abc.Iterable[Global___ModelInstanceGroup] | None = ...,
         default_model_filename: _builtins.str = ...,
         parameters: _abc.Mapping[_builtins.str, Global___ModelParameter] | None = ...,
+        dynamic_batching: Global___ModelDynamicBatching | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["version_policy", b"version_policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dynamic_batching", b"dynamic_batching", "version_policy", b"version_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_model_filename", b"default_model_filename", "input", b"input", "instance_group", b"instance_group", "max_batch_size", b"max_batch_size", "name", b"name", "output", b"output", "parameters", b"parameters", "platform", b"platform", "version_policy", b"version_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_model_filename", b"default_model_filename", "dynamic_batching", b"dynamic_batching", "input", b"input", "instance_group", b"instance_group", "max_batch_size", b"max_batch_size", "name", b"name", "output", b"output", "parameters", b"parameters", "platform", b"platform", "version_policy", b"version_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,6 +66,7 @@ async def build_server(settings: InferenceSettings) -> GrpcServer:
         on_readiness=on_readiness,
         start_timeout=settings.worker_start_timeout_seconds,
         poll_seconds=settings.repository_poll_seconds,
+        cpu_budget=settings.worker_cpu_budget or max(1, len(os.sched_getaffinity(0)) - 1),
     )
     server.after_start(manager.run)
     server.on_close(manager.close)

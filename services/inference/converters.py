@@ -84,6 +84,12 @@ def model_config(config: ModelConfig) -> config_pb.ModelConfig:
         ],
         default_model_filename=artifact,
         parameters=parameters,
+        dynamic_batching=None
+        if config.dynamic_batching is None
+        else config_pb.ModelDynamicBatching(
+            preferred_batch_size=config.dynamic_batching.preferred_batch_size,
+            max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds,
+        ),
     )
 
 
@@ -109,6 +115,15 @@ def model_statistics(rows: Iterable[VersionStatistics]) -> pb.ModelStatisticsRes
                     compute_infer=_duration(row.compute_infer),
                     compute_output=_duration(row.compute_output),
                 ),
+                batch_stats=[
+                    pb.InferBatchStatistics(
+                        batch_size=batch.batch_size,
+                        compute_input=_duration(batch.compute_input),
+                        compute_infer=_duration(batch.compute_infer),
+                        compute_output=_duration(batch.compute_output),
+                    )
+                    for batch in row.batches
+                ],
             )
             for row in rows
         ]

@@ -90,7 +90,8 @@ def _save_onnx(estimator: Any, path: Path) -> None:
 def _classifier_config(runtime: str, features: int, classes: int) -> dict[str, Any]:
     return {
         "runtime": runtime,
-        "max_batch_size": 0,
+        "max_batch_size": 256,
+        "dynamic_batching": {"max_queue_delay_microseconds": 100},
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, features]}],
         "outputs": [
             {"name": "label", "datatype": "INT64", "shape": [-1]},
@@ -188,7 +189,10 @@ class BuildResult:
 
 def is_built(demo: DemoModel, repository: Path) -> bool:
     model_dir = repository / demo.name
-    return (model_dir / "config.yaml").is_file() and (model_dir / str(demo.version) / demo.artifact).is_file()
+    config = model_dir / "config.yaml"
+    if not (config.is_file() and (model_dir / str(demo.version) / demo.artifact).is_file()):
+        return False
+    return bool(yaml.safe_load(config.read_text(encoding="utf-8")) == demo.config)  # a changed config: rebuilt
 
 
 def build(demo: DemoModel, repository: Path, *, force: bool = False) -> BuildResult:

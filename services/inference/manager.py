@@ -21,6 +21,7 @@ import numpy as np
 from services.common.errors import NotFound, Unavailable
 from services.common.logs import fields
 from services.inference import ipc
+from services.inference.batching import BatchPolicy
 from services.inference.metrics import InferenceMetrics
 from services.inference.pool import PoolSettings, WorkerHealth, WorkerPool, WorkerState
 from services.inference.repository import ModelConfig, ModelEntry, scan
@@ -93,6 +94,7 @@ class ModelManager:
         on_readiness: Callable[[bool], None] = lambda ready: None,
         start_timeout: float = 120.0,
         poll_seconds: float = 0.0,
+        cpu_budget: int = 0,
     ):
         self._repository = repository
         self._pool_settings = pool_settings
@@ -100,12 +102,13 @@ class ModelManager:
         self._on_readiness = on_readiness
         self._start_timeout = start_timeout
         self._poll_seconds = poll_seconds
+        self._cpu_budget = cpu_budget
         self._models: dict[str, LoadedModel] = {}
         self._shm_prefix = f"mlp-{os.getpid()}-"
         self._ready = False
         self._scanned = False
         self._drains: set[asyncio.Task[None]] = set()
-        self._worker_series: set[tuple[str, str]] = set()
+        metrics.workers.source = self.worker_counts
         self.statistics = InferenceStatistics()
 
     # -- loading --------------------------------------------------------------------------
@@ -153,6 +156,7 @@ class ModelManager:
             raise Unavailable(f"model {name} failed to load: {reason}")
 
     def _new_pool(self, entry: ModelEntry, config: ModelConfig, version: str) -> WorkerPool:
+        dynamic = config.dynamic_batching
         return WorkerPool(
             model_name=entry.name,
             model_version=version,
@@ -163,6 +167,12 @@ class ModelManager:
             metrics=self._metrics,
             shm_prefix=self._shm_prefix,
             on_change=self._changed,
+            batching=BatchPolicy()
+            if dynamic is None
+            else BatchPolicy(
+                config.max_batch_size, dynamic.max_queue_delay_microseconds / 1e6, dynamic.preferred_batch_size
+            ),
+            cpu_budget=self._cpu_budget,
         )
 
     async def _reload(self, entry: ModelEntry, stamp: Fingerprint, *, force: bool = False) -> bool:
@@ -265,19 +275,18 @@ class ModelManager:
 
     # -- state ----------------------------------------------------------------------------
 
-    def _changed(self) -> None:
+    def worker_counts(self) -> dict[tuple[str, str], int]:
+        """Workers by (model, state), every state of every loaded model (zeros included)."""
         counts: dict[tuple[str, str], int] = {}
-        for model in self._models.values():
+        for model in list(self._models.values()):
             for state in WorkerState:
                 counts[(model.name, state.value)] = 0
             for pool in model.pools.values():
                 for state, count in pool.states().items():
                     counts[(model.name, state.value)] += count
-        for (name, state_name), count in counts.items():
-            self._metrics.workers.labels(name, state_name).set(count)
-        for gone in self._worker_series - counts.keys():  # an unloaded model leaves no stale series
-            self._metrics.workers.remove(*gone)
-        self._worker_series = set(counts)
+        return counts
+
+    def _changed(self) -> None:
         ready = self.ready
         if ready != self._ready:
             self._ready = ready

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import time
@@ -40,6 +41,7 @@ from opentelemetry import propagate, trace
 from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.logs import fields
 from services.inference import ipc
+from services.inference.batching import BatchPolicy, SplitError, batch_key, join, split
 from services.inference.metrics import InferenceMetrics
 from services.inference.process import PendingInfer, WorkerGone, WorkerProcess, WorkerSpec, WorkerStartError
 from services.inference.stats import RequestTimer
@@ -58,6 +60,9 @@ class WorkerState(enum.Enum):
     UNHEALTHY = "unhealthy"
     RESTARTING = "restarting"
     STOPPED = "stopped"
+
+
+_SERVING = frozenset({WorkerState.READY, WorkerState.BUSY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,45 @@ class _Restart:
 _Event = _Unresponsive | _Abandoned | _Restart
 
 
+@dataclass(eq=False)
+class _Request:
+    """One inference waiting for, or riding in, a worker call."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: list[str]
+    deadline: float
+    traceparent: str
+    key: Any  # what must match to share a batch; None: never batched
+    rows: int
+    future: asyncio.Future[ipc.InferResult]
+    enqueued: float
+    run: _Run | None = None
+    gone: bool = False  # its caller gave up while it ran
+    queued_ns: int = 0
+    batch_size: int = 1
+    batch_rows: int = 1
+    leads: bool = True  # the first member of its batch: the one that counts the execution
+    context: contextvars.Context | None = None
+
+    def fail(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+            self.future.exception()  # retrieved: a caller that left does not leave a warning behind
+
+
+@dataclass(eq=False)
+class _Run:
+    """A worker call carrying a batch of requests."""
+
+    members: list[_Request]
+    abandoned: asyncio.Event = field(default_factory=asyncio.Event)  # every member's caller gave up
+    reason: str = ""
+
+    def fail(self, error: Exception) -> None:
+        for request in self.members:
+            request.fail(error)
+
+
 @dataclass
 class _Slot:
     worker_id: str
@@ -143,6 +187,8 @@ class WorkerPool:
         metrics: InferenceMetrics,
         shm_prefix: str,
         on_change: Callable[[], None] = lambda: None,
+        batching: BatchPolicy | None = None,
+        cpu_budget: int = 0,
     ):
         self.model_name = model_name
         self.model_version = model_version
@@ -151,8 +197,10 @@ class WorkerPool:
         self._metrics = metrics
         self._shm_prefix = shm_prefix
         self._on_change = on_change
+        self._batching = batching or BatchPolicy()
         self._min = workers
-        self._max = max(workers, max_workers or workers)
+        # Growing a CPU-bound pool past the cores it may use only adds contention: the autoscaler stops there.
+        self._max = max(workers, min(max_workers or workers, cpu_budget) if cpu_budget > 0 else max_workers or workers)
         self._serial = workers
         self._slots = [_Slot(f"{model_name}-v{model_version}-{index}") for index in range(workers)]
         self._scale_task: asyncio.Task[None] | None = None
@@ -161,7 +209,11 @@ class WorkerPool:
         self._peak_waiting = 0
         self._idle_event = asyncio.Event()
         self._idle_event.set()
-        self._waiters: deque[asyncio.Future[_Slot]] = deque()
+        self._queue: deque[_Request] = deque()
+        self._queue_gauge = metrics.queue_depth.labels(model_name)
+        self._gauged = 0
+        self._runs: set[asyncio.Task[None]] = set()
+        self._delay_timer: asyncio.TimerHandle | None = None
         self._next = 0
         self._stopping = False
         self._health_task: asyncio.Task[None] | None = None
@@ -210,10 +262,14 @@ class WorkerPool:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(Unavailable(f"model {self.model_name} is being unloaded"))
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+        while self._queue:
+            self._queue.popleft().fail(Unavailable(f"model {self.model_name} is being unloaded"))
+        self._gauge_queue()
+        for run in list(self._runs):
+            run.cancel()
+        await asyncio.gather(*self._runs, return_exceptions=True)
         tasks = [slot.task for slot in self._slots if slot.task is not None]
         for task in tasks:
             task.cancel()  # each supervisor stops and reaps its own worker
@@ -223,13 +279,13 @@ class WorkerPool:
 
     async def drain(self) -> None:
         """Let every accepted request finish (running or queued), then stop the workers."""
-        while self._waiters or any(slot.in_flight for slot in self._slots):
+        while self._queue or any(slot.in_flight for slot in self._slots):
             self._idle_event.clear()
             await self._idle_event.wait()
         await self.stop()
 
     def _note_idle(self) -> None:
-        if not self._waiters and not any(slot.in_flight for slot in self._slots):
+        if not self._queue and not any(slot.in_flight for slot in self._slots):
             self._idle_event.set()
 
     # -- autoscaling ----------------------------------------------------------------------
@@ -243,7 +299,7 @@ class WorkerPool:
         while not self._stopping:
             await asyncio.sleep(self._settings.scale_interval)
             now = time.monotonic()
-            waited, self._peak_waiting = max(self._peak_waiting, len(self._waiters)), len(self._waiters)
+            waited, self._peak_waiting = max(self._peak_waiting, len(self._queue)), len(self._queue)
             cooled = now - self._last_scaled >= self._settings.scale_cooldown
             if waited and len(self._slots) < self._max and cooled:
                 self._add_slot(f"{waited} requests waited for a worker")
@@ -289,8 +345,10 @@ class WorkerPool:
 
     def _set_state(self, slot: _Slot, state: WorkerState) -> None:
         if slot.state is not state:
+            flip = slot.state in _SERVING and state in _SERVING
             slot.state = state
-            self._on_change()
+            if not flip:  # ready <-> busy (twice per inference) changes neither readiness nor anything published
+                self._on_change()
 
     def _spec(self, slot: _Slot) -> WorkerSpec:
         return WorkerSpec(
@@ -338,7 +396,7 @@ class WorkerPool:
                 self._first_ready.set()
                 if self.ready_workers == len(self._slots):
                     self._all_ready.set()
-                self._hand_over(slot)
+                self._schedule()
                 reason, why = await self._watch(slot, process)
                 if reason in BACKED_OFF:
                     slot.failures = 0 if time.monotonic() - ready_at > HEALTHY_RESET_SECONDS else slot.failures + 1
@@ -468,6 +526,11 @@ class WorkerPool:
                 slot.events.put_nowait(_Unresponsive(process))
 
     # -- dispatch -------------------------------------------------------------------------
+    #
+    # A request joins the queue; whenever a worker is free, :meth:`_schedule` takes the oldest waiting
+    # request and, when the model batches, the waiting requests that may ride with it, and runs them
+    # as one worker call (:meth:`_run`). A request that finds a free worker and nobody waiting goes
+    # at once; the queue delay only ever holds requests that were waiting already.
 
     def _idle(self) -> _Slot | None:
         count = len(self._slots)
@@ -478,72 +541,79 @@ class WorkerPool:
                 return slot
         return None
 
-    def _hand_over(self, slot: _Slot) -> None:
-        """Give a free worker to the longest-waiting request, if any."""
-        while self._waiters and slot.state is WorkerState.READY and slot.in_flight == 0:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                slot.in_flight = 1
-                waiter.set_result(slot)
-                return
+    def _take_batch(self, *, now: float, force: bool) -> list[_Request] | None:
+        """The next batch from the queue head, or None if it should wait for more rows (queue delay)."""
+        policy = self._batching
+        head = self._queue[0]
+        if not policy.enabled or head.key is None:
+            return [self._queue.popleft()]
+        batch, rows = [head], head.rows
+        for request in list(self._queue)[1:]:
+            if request.key == head.key and rows + request.rows <= policy.max_rows:
+                batch.append(request)
+                rows += request.rows
+                if policy.full(rows):
+                    break
+        if not force and policy.max_queue_delay > 0 and not policy.full(rows):
+            due = head.enqueued + policy.max_queue_delay
+            if now < due:
+                if self._delay_timer is None:
+                    self._delay_timer = asyncio.get_running_loop().call_later(due - now, self._delay_passed)
+                return None
+        for request in batch:
+            self._queue.remove(request)
+        return batch
 
-    async def _acquire(self, deadline: float) -> _Slot:
-        self._last_busy = time.monotonic()
-        self._idle_event.clear()
-        slot = self._idle()
-        if slot is not None:
+    def _gauge_queue(self) -> None:
+        """The queue gauge is per model (every version's pool adds its own share)."""
+        depth = len(self._queue)
+        if depth != self._gauged:
+            self._queue_gauge.inc(depth - self._gauged)
+            self._gauged = depth
+
+    def _delay_passed(self) -> None:
+        self._delay_timer = None
+        self._schedule()
+
+    def _schedule(self, *, fresh: bool = False) -> None:
+        """Give every free worker the next batch. ``fresh``: a request just arrived (no delay for it
+        if it finds a free worker and nobody waiting)."""
+        while self._queue and not self._stopping:
+            slot = self._idle()
+            if slot is None:
+                break
+            batch = self._take_batch(now=time.monotonic(), force=fresh and len(self._queue) == 1)
+            if batch is None:
+                break
             slot.in_flight = 1
-            return slot
-        if len(self._waiters) >= self._settings.queue_limit:
-            raise ResourceExhausted(
-                f"model {self.model_name} has {len(self._waiters)} requests waiting; retry shortly",
-                retry_after_seconds=0.5,
-            )
-        if (
-            self.ready_workers == 0
-            and self._start_error
-            and all(s.state is not WorkerState.STARTING for s in self._slots)
-        ):
-            raise Unavailable(
-                f"model {self.model_name} has no ready worker: {self._start_error}", retry_after_seconds=1
-            )
-        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._peak_waiting = max(self._peak_waiting, len(self._waiters))
-        gauge = self._metrics.queue_depth.labels(self.model_name)
-        gauge.inc()
-        try:
-            return await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - time.time()))
-        except TimeoutError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release(waiter.result())  # a worker came free just as we gave up
-            raise DeadlineExceeded(f"no worker of model {self.model_name} came free before the deadline") from None
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release(waiter.result())
-            raise
-        finally:
-            gauge.dec()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-            if not waiter.done():
-                waiter.cancel()
-            self._note_idle()
-
-    def _abandon(self, slot: _Slot, process: WorkerProcess, pending: PendingInfer, reason: str, error: str) -> None:
-        """The request gave up on its answer; the slot stays busy until its supervisor decides."""
-        if slot.process is process and not self._stopping:
-            slot.events.put_nowait(_Abandoned(process, pending, reason, error))
-        else:
-            process.discard(pending)
+            self._set_state(slot, WorkerState.BUSY)
+            run = _Run(batch)
+            dispatched = time.monotonic()
+            rows = sum(member.rows for member in batch)
+            for index, request in enumerate(batch):
+                request.run = run
+                request.queued_ns = int((dispatched - request.enqueued) * 1e9)
+                request.batch_size, request.batch_rows, request.leads = len(batch), rows, index == 0
+            # In the first member's context: its trace ID is on the worker's span and the log lines.
+            task = asyncio.get_running_loop().create_task(self._run(slot, run), context=batch[0].context)
+            self._runs.add(task)
+            task.add_done_callback(self._runs.discard)
+        self._gauge_queue()
 
     def _release(self, slot: _Slot) -> None:
         slot.in_flight = 0
         self._last_busy = time.monotonic()
         if slot.state is WorkerState.BUSY:
             self._set_state(slot, WorkerState.READY)
-        self._hand_over(slot)
+        self._schedule()
         self._note_idle()
+
+    def _abandon(self, slot: _Slot, process: WorkerProcess, pending: PendingInfer, reason: str, error: str) -> None:
+        """The batch gave up on its answer; the slot stays busy until its supervisor decides."""
+        if slot.process is process and not self._stopping:
+            slot.events.put_nowait(_Abandoned(process, pending, reason, error))
+        else:
+            process.discard(pending)
 
     async def infer(
         self,
@@ -559,74 +629,172 @@ class WorkerPool:
         ``timer`` gets the wait for a worker (queue) and the worker's timings (compute_*).
         """
         timer = timer or RequestTimer()
-        with (
-            _tracer.start_as_current_span("inference.queue", attributes={"model": self.model_name}),
-            timer.measure("queue"),
+        self._last_busy = time.monotonic()
+        self._idle_event.clear()
+        if len(self._queue) >= self._settings.queue_limit and self._idle() is None:
+            raise ResourceExhausted(
+                f"model {self.model_name} has {len(self._queue)} requests waiting; retry shortly",
+                retry_after_seconds=0.5,
+            )
+        if (
+            self.ready_workers == 0
+            and self._start_error
+            and all(s.state is not WorkerState.STARTING for s in self._slots)
         ):
-            slot = await self._acquire(deadline)
-        with _tracer.start_as_current_span(
-            "inference.dispatch", attributes={"model": self.model_name, "worker.id": slot.worker_id}
-        ):
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)  # the worker's span becomes a child of this one
-            result = await self._dispatch(slot, inputs, outputs, deadline, carrier.get("traceparent", traceparent))
+            raise Unavailable(
+                f"model {self.model_name} has no ready worker: {self._start_error}", retry_after_seconds=1
+            )
+        keyed = batch_key(inputs, outputs) if self._batching.enabled else None
+        key, rows = keyed if keyed is not None else (None, 1)
+        loop = asyncio.get_running_loop()
+        request = _Request(inputs, outputs, deadline, traceparent, key, rows, loop.create_future(), time.monotonic())
+        with _tracer.start_as_current_span("inference.dispatch", attributes={"model": self.model_name}) as span:
+            if span.is_recording():
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)  # the worker's span becomes a child of this one
+                request.traceparent = carrier.get("traceparent", traceparent)
+            request.context = contextvars.copy_context()
+            self._queue.append(request)
+            self._schedule(fresh=True)
+            self._peak_waiting = max(self._peak_waiting, len(self._queue))
+            try:
+                result = await asyncio.wait_for(asyncio.shield(request.future), max(0.0, deadline - time.time()))
+            except TimeoutError:
+                running = self._leave(request, "timeout")
+                if running:
+                    self._metrics.timeouts.labels(self.model_name).inc()
+                    raise DeadlineExceeded(f"model {self.model_name} did not answer before the deadline") from None
+                raise DeadlineExceeded(f"no worker of model {self.model_name} came free before the deadline") from None
+            except asyncio.CancelledError:
+                self._leave(request, "cancelled")
+                raise
+            finally:
+                self._note_idle()
+            if span.is_recording():
+                span.set_attribute("batch.size", request.batch_size)
+                span.set_attribute("batch.rows", request.batch_rows)
+        timer.add("queue", request.queued_ns)
         timer.add("compute_input", result.compute_input_ns)
         timer.add("compute_infer", result.compute_infer_ns)
         timer.add("compute_output", result.compute_output_ns)
+        timer.batch_rows = request.batch_rows
+        timer.executed = request.leads
         return result
 
-    async def _dispatch(
-        self, slot: _Slot, inputs: dict[str, np.ndarray], outputs: list[str], deadline: float, traceparent: str
-    ) -> ipc.InferResult:
+    def _leave(self, request: _Request, reason: str) -> bool:
+        """The caller of ``request`` gave up; True if it had been sent to a worker already."""
+        if request.run is None:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(request)
+                self._gauge_queue()
+            return False
+        request.gone = True
+        if all(member.gone for member in request.run.members):
+            request.run.reason = reason
+            request.run.abandoned.set()
+        return True
+
+    async def _run(self, slot: _Slot, run: _Run) -> None:
+        """One worker call for a batch: join the rows, send, split the answer back to each request."""
+        batch = run.members
+        dispatched = time.monotonic()
         process = slot.process
         if process is None:
             self._release(slot)
-            raise Unavailable(f"model {self.model_name} lost its worker")
-        self._set_state(slot, WorkerState.BUSY)
-        sent = time.perf_counter()
-        log.debug("worker.request_sent", extra=fields(worker_id=slot.worker_id, pid=process.pid))
+            run.fail(Unavailable(f"model {self.model_name} lost its worker", retry_after_seconds=1))
+            return
+        if len(batch) > 1:
+            self._metrics.batch_rows.labels(self.model_name).observe(batch[0].batch_rows)
         gone = Unavailable(
             f"the worker serving model {self.model_name} exited during the request; retry", retry_after_seconds=1
         )
+        deadline = max(request.deadline for request in batch)  # the most patient member's
         try:
-            pending = process.submit(inputs, outputs, deadline=deadline, traceparent=traceparent)
+            pending = process.submit(
+                join([request.inputs for request in batch]),
+                batch[0].outputs,
+                deadline=deadline,
+                traceparent=batch[0].traceparent,
+            )
         except WorkerGone:
-            raise gone from None  # its supervisor sees the exit and frees the slot
+            run.fail(gone)  # its supervisor sees the exit and frees the slot
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "worker.request_sent",
+                extra=fields(worker_id=slot.worker_id, pid=process.pid, batch_size=len(batch)),
+            )
+        abandoned = asyncio.ensure_future(run.abandoned.wait())
         try:
             await process.sent(pending)
-            await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - time.time()))
-        except TimeoutError:
-            self._metrics.timeouts.labels(self.model_name).inc()
-            self._abandon(slot, process, pending, "timeout", "an inference ran past its deadline")
-            raise DeadlineExceeded(f"model {self.model_name} did not answer before the deadline") from None
-        except asyncio.CancelledError:
-            self._abandon(slot, process, pending, "cancelled", "the client cancelled an inference")
-            raise
+            await asyncio.wait(
+                (pending.future, abandoned),
+                timeout=max(0.0, deadline - time.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         except WorkerGone:
             process.discard(pending)
-            raise gone from None
+            run.fail(gone)
+            return
+        except asyncio.CancelledError:  # the pool stops
+            process.discard(pending)
+            run.fail(Unavailable(f"model {self.model_name} is being unloaded"))
+            raise
+        finally:
+            abandoned.cancel()
+        if not pending.future.done():
+            reason = run.reason or "timeout"
+            error = (
+                "the client cancelled an inference" if reason == "cancelled" else "an inference ran past its deadline"
+            )
+            self._abandon(slot, process, pending, reason, error)
+            run.fail(DeadlineExceeded(f"model {self.model_name} did not answer before the deadline"))
+            return
         process.discard(pending)
+        if pending.future.exception() is not None:
+            run.fail(gone)
+            return
         result = process.completed(pending)
         self._release(slot)
-        log.info(
-            "worker.response_received",
-            extra=fields(
-                worker_id=slot.worker_id,
-                model=self.model_name,
-                version=self.model_version,
-                outcome="ok" if isinstance(result, ipc.InferResult) else result.code,
-                latency_ms=round((time.perf_counter() - sent) * 1000, 3),
-            ),
-        )
-        if isinstance(result, ipc.InferResult):
-            slot.served += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "worker.response_received",
+                extra=fields(
+                    worker_id=slot.worker_id,
+                    model=self.model_name,
+                    version=self.model_version,
+                    batch_size=len(batch),
+                    outcome="ok" if isinstance(result, ipc.InferResult) else result.code,
+                    latency_ms=round((time.monotonic() - dispatched) * 1000, 3),
+                ),
+            )
         if isinstance(result, ipc.Failure):
-            if result.code == "DEADLINE_EXCEEDED":
-                raise DeadlineExceeded(result.message)
-            if result.code == "INVALID_ARGUMENT":
-                raise InvalidArgument(result.message, [("inputs", result.message)])
-            raise Internal(f"model {self.model_name}: {result.message}")
-        return result
+            run.fail(self._failure(result))
+            return
+        slot.served += 1
+        try:
+            parts = split(result.outputs, [request.rows for request in batch])
+        except SplitError as error:
+            run.fail(Internal(f"model {self.model_name}: {error}"))
+            return
+        for request, outputs in zip(batch, parts, strict=True):
+            if not request.future.done():
+                request.future.set_result(
+                    ipc.InferResult(
+                        result.request_id,
+                        outputs,
+                        result.compute_input_ns,
+                        result.compute_infer_ns,
+                        result.compute_output_ns,
+                    )
+                )
+
+    def _failure(self, result: ipc.Failure) -> Exception:
+        if result.code == "DEADLINE_EXCEEDED":
+            return DeadlineExceeded(result.message)
+        if result.code == "INVALID_ARGUMENT":
+            return InvalidArgument(result.message, [("inputs", result.message)])
+        return Internal(f"model {self.model_name}: {result.message}")
 
     # -- views ----------------------------------------------------------------------------
 

@@ -16,6 +16,9 @@ fields are errors)::
     platform: ""                # free text for metadata; "" = derived from runtime
     max_batch_size: 0           # 0 = no batching dimension; N > 0 = the first dimension of
                                 # every tensor is the batch (declared -1), at most N rows
+    dynamic_batching:           # needs max_batch_size > 0: waiting requests ride one worker call
+      max_queue_delay_microseconds: 0   # how long a batch may wait for more rows (from its oldest request)
+      preferred_batch_size: [4, 8]      # sizes that go at once
     inputs:
       - {name: input, datatype: FP32, shape: [-1, 4]}     # -1 = variable dimension
     outputs:
@@ -121,6 +124,14 @@ VersionPolicy = LatestVersions | AllVersions | SpecificVersions
 
 
 @dataclass(frozen=True, slots=True)
+class DynamicBatching:
+    """Triton's ``dynamic_batching``: requests waiting for a worker are joined along the batch dimension."""
+
+    max_queue_delay_microseconds: int = 0
+    preferred_batch_size: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A validated model config. Equal configs compare equal (``parameters`` is not hashed)."""
 
@@ -135,6 +146,7 @@ class ModelConfig:
     timeout_seconds: float | None = None
     version_policy: VersionPolicy = LatestVersions(1)
     parameters: dict[str, Any] = field(default_factory=dict, hash=False)
+    dynamic_batching: DynamicBatching | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +224,18 @@ class _VersionPolicy(_Strict):
         return AllVersions()
 
 
+class _DynamicBatching(_Strict):
+    max_queue_delay_microseconds: int = Field(default=0, ge=0, le=10_000_000)
+    preferred_batch_size: list[int] = Field(default_factory=list)
+
+    @field_validator("preferred_batch_size")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"preferred batch sizes must be positive, got {sizes}")
+        return sizes
+
+
 class _ConfigFile(_Strict):
     runtime: RuntimeName
     platform: str = ""
@@ -222,6 +246,7 @@ class _ConfigFile(_Strict):
     timeout_seconds: float | None = Field(default=None, gt=0, le=3600)
     version_policy: _VersionPolicy = _VersionPolicy(latest=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    dynamic_batching: _DynamicBatching | None = None
 
     @field_validator("inputs", "outputs")
     @classmethod
@@ -240,6 +265,12 @@ class _ConfigFile(_Strict):
                 raise ValueError(
                     f"max_batch_size > 0 needs -1 (the batch) as first dimension of every tensor; not so for {unbatched}"
                 )
+        if self.dynamic_batching is not None:
+            if self.max_batch_size == 0:
+                raise ValueError("dynamic_batching needs max_batch_size > 0 (a batch dimension)")
+            too_big = [size for size in self.dynamic_batching.preferred_batch_size if size > self.max_batch_size]
+            if too_big:
+                raise ValueError(f"preferred_batch_size {too_big} larger than max_batch_size {self.max_batch_size}")
         return self
 
 
@@ -285,6 +316,12 @@ def parse_config(name: str, data: object, *, source: str = "config") -> ModelCon
         timeout_seconds=parsed.timeout_seconds,
         version_policy=parsed.version_policy.policy(),
         parameters=dict(parsed.parameters),
+        dynamic_batching=None
+        if parsed.dynamic_batching is None
+        else DynamicBatching(
+            parsed.dynamic_batching.max_queue_delay_microseconds,
+            tuple(sorted(set(parsed.dynamic_batching.preferred_batch_size))),
+        ),
     )
 
 

@@ -51,6 +51,13 @@ class InferenceSettings(ServiceSettings):
     autoscale_interval_seconds: float = Field(
         default=1.0, gt=0, le=60, description="How often each pool looks at its load to scale."
     )
+    worker_cpu_budget: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Most workers the autoscaler grows one pool to (never below its instances.min); 0 = the CPUs"
+        " this process may use, minus one for the supervisor (at least 1).",
+    )
     scale_cooldown_seconds: float = Field(
         default=5.0, ge=0, le=3600, description="Least time between two scaling steps of a pool."
     )

@@ -25,8 +25,8 @@ What each duration covers, for successful requests:
 
 ``fail`` counts failed requests with their duration up to the failure; ``inference_count`` counts
 batch elements (the first dimension when the model has ``max_batch_size`` > 0, else 1 per request)
-and ``execution_count`` model executions (one per successful request: requests are not batched
-together). ``last_inference`` is the time of the last request, successful or not, in ms since the epoch.
+and ``execution_count`` model executions (worker calls: requests that rode in one dynamic batch
+count one execution together). ``last_inference`` is the time of the last request, successful or not, in ms since the epoch.
 """
 
 from __future__ import annotations
@@ -53,6 +53,16 @@ class Duration:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchStatistics:
+    """The model executions of one batch size (rows per worker call) and their phases."""
+
+    batch_size: int
+    compute_input: Duration = Duration()
+    compute_infer: Duration = Duration()
+    compute_output: Duration = Duration()
+
+
+@dataclass(frozen=True, slots=True)
 class VersionStatistics:
     """The cumulative statistics of one model version (a snapshot: immutable)."""
 
@@ -67,6 +77,7 @@ class VersionStatistics:
     compute_input: Duration = Duration()
     compute_infer: Duration = Duration()
     compute_output: Duration = Duration()
+    batches: tuple[BatchStatistics, ...] = ()  # by batch size, ascending
 
 
 @dataclass(slots=True)
@@ -77,6 +88,8 @@ class RequestTimer:
     phases: dict[str, int] = field(default_factory=dict)
     batch_size: int = 0
     ok: bool = False
+    batch_rows: int = 1  # rows of the worker call this request rode in (dynamic batching)
+    executed: bool = True  # this request counts its worker call (the first member of its batch)
 
     def add(self, phase: Phase, ns: int) -> None:
         self.phases[phase] = self.phases.get(phase, 0) + max(0, ns)
@@ -114,6 +127,19 @@ class _Recording:
         self._owner.record(self._name, self._version, self.timer)
 
 
+def _add_execution(
+    batches: tuple[BatchStatistics, ...], size: int, phases: dict[str, int]
+) -> tuple[BatchStatistics, ...]:
+    found = next((batch for batch in batches if batch.batch_size == size), BatchStatistics(size))
+    updated = BatchStatistics(
+        size,
+        found.compute_input.plus(phases.get("compute_input", 0)),
+        found.compute_infer.plus(phases.get("compute_infer", 0)),
+        found.compute_output.plus(phases.get("compute_output", 0)),
+    )
+    return tuple(sorted([*(b for b in batches if b.batch_size != size), updated], key=lambda b: b.batch_size))
+
+
 class InferenceStatistics:
     """Statistics of every model version that served a request, by (model, version)."""
 
@@ -135,16 +161,20 @@ class InferenceStatistics:
             )
             return
         phases = timer.phases
+        batches = current.batches
+        if timer.executed:
+            batches = _add_execution(batches, timer.batch_rows, phases)
         self._versions[(name, version)] = replace(
             current,
             last_inference_ms=now_ms,
             inference_count=current.inference_count + timer.batch_size,
-            execution_count=current.execution_count + 1,
+            execution_count=current.execution_count + (1 if timer.executed else 0),
             success=current.success.plus(elapsed),
             queue=current.queue.plus(phases.get("queue", 0)),
             compute_input=current.compute_input.plus(phases.get("compute_input", 0)),
             compute_infer=current.compute_infer.plus(phases.get("compute_infer", 0)),
             compute_output=current.compute_output.plus(phases.get("compute_output", 0)),
+            batches=batches,
         )
 
     def get(self, name: str, version: str) -> VersionStatistics:
@@ -157,4 +187,4 @@ class InferenceStatistics:
             del self._versions[key]
 
 
-__all__ = ["Duration", "InferenceStatistics", "Phase", "RequestTimer", "VersionStatistics"]
+__all__ = ["BatchStatistics", "Duration", "InferenceStatistics", "Phase", "RequestTimer", "VersionStatistics"]

@@ -149,6 +149,7 @@ async def test_a_burst_grows_the_pool_and_idleness_shrinks_it(start_inference):
         ["sleepy"],
         prepare=lambda repository: edit_config(repository / "sleepy", instances={"min": 1, "max": 3}),
         autoscale_interval_seconds=0.2,
+        worker_cpu_budget=4,  # sleepy sleeps: not CPU-bound
         scale_cooldown_seconds=0.2,
         scale_down_idle_seconds=1.5,
         timeout_seconds=30.0,  # the burst queues for a while: let it

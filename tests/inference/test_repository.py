@@ -293,6 +293,7 @@ def test_scan_of_the_test_models():
     entries = scan(TEST_MODELS)
     assert {name for name, entry in entries.items() if entry.ok} == {
         "allkinds",
+        "batchy",
         "crashy",
         "echo",
         "failload",
@@ -304,6 +305,7 @@ def test_scan_of_the_test_models():
     for entry in entries.values():
         if entry.config is not None:
             workers = 2 if entry.name == "sleepy2" else 1
+            assert (entry.config.dynamic_batching is not None) == (entry.name == "batchy")
             assert (entry.config.runtime, entry.config.min_workers, entry.config.max_workers) == (
                 "python",
                 workers,

@@ -53,6 +53,7 @@ async def test_model_config_in_tritons_layout(start_inference):
             "instance_group": [{"name": "simple", "kind": "KIND_CPU", "count": 1}],
             "default_model_filename": "model.py",
             "parameters": {"instances_max": {"string_value": "2"}},
+            "dynamic_batching": {"max_queue_delay_microseconds": "100"},
         }
     }
     assert "max_batch_size" not in total["config"]  # 0: JSON leaves defaults out
@@ -61,7 +62,9 @@ async def test_model_config_in_tritons_layout(start_inference):
     assert total["config"]["parameters"]["timeout_seconds"] == {"string_value": "10"}
     assert (iris["config"]["platform"], iris["config"]["backend"]) == ("sklearn", "sklearn")
     assert iris["config"]["default_model_filename"] == "model.skops"
-    assert iris["config"]["output"][0] == {"name": "label", "data_type": "TYPE_INT64", "dims": ["-1"]}
+    assert iris["config"]["output"][0] == {"name": "label", "data_type": "TYPE_INT64"}  # [batch]: no other dims
+    assert iris["config"]["max_batch_size"] == 256
+    assert iris["config"]["dynamic_batching"] == {"max_queue_delay_microseconds": "100"}
     assert missing["error"]["status"] == "StatusCode.NOT_FOUND"
 
 
@@ -100,6 +103,9 @@ async def test_statistics_count_real_requests(start_inference):
     parts = infer.queue.ns + infer.compute_input.ns + infer.compute_infer.ns + infer.compute_output.ns
     assert parts <= infer.success.ns
     assert infer.fail.ns > 0
+    # One request at a time: every execution carried one request, of 1, 2 and 4 rows (Triton's batch_stats).
+    assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(1, 1), (2, 1), (4, 1)]
+    assert all(b.compute_infer.ns > 0 for b in stats.batch_stats)
 
     everything = await inference.stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=5)
     assert [(s.name, s.version) for s in everything.model_stats] == [("simple", "1"), ("sum", "1")]

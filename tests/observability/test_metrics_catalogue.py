@@ -59,8 +59,10 @@ def slow_model(tmp_path: Path) -> dict[str, Any]:
     shutil.copytree(REPO / "tests" / "testdata" / "models" / "sleepy", repository / "slow")
     config = repository / "slow" / "config.yaml"
     config.write_text(config.read_text().replace("instances: {min: 1, max: 1}", "instances: {min: 1, max: 2}"))
+    shutil.copytree(REPO / "tests" / "testdata" / "models" / "batchy", repository / "batchy")
     return {
         "model_repository": repository,
+        "worker_cpu_budget": 4,  # `slow` sleeps: not CPU-bound
         "timeout_seconds": 1.0,
         "autoscale_interval_seconds": 0.2,
         "scale_cooldown_seconds": 0.0,
@@ -69,12 +71,20 @@ def slow_model(tmp_path: Path) -> dict[str, Any]:
 
 async def use_inference(server: GrpcServer, connect: Connect) -> None:
     """Three 3-second inferences at once on one worker: one times out on the worker (which is replaced), the
-    others wait in the queue (and make the pool scale up) and time out there."""
+    others wait in the queue (and make the pool scale up) and time out there. Then a dynamic batch."""
     stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(connect(server))
     request = codec.make_infer_request("slow", {"INPUT0": ("FP32", np.full((1, 1), 3.0, dtype=np.float32))})
     results = await asyncio.gather(*(stub.ModelInfer(request, timeout=10) for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, grpc.aio.AioRpcError) for r in results), results
     assert {r.code() for r in results} == {grpc.StatusCode.DEADLINE_EXCEEDED}, results
+    # One request keeps batchy's worker busy; the three sent with it wait and ride one call together.
+    values = [0.3, 0.0, 0.0, 0.0]
+    batched = [
+        codec.make_infer_request("batchy", {"INPUT0": ("FP32", np.full((1, 1), value, dtype=np.float32))})
+        for value in values
+    ]
+    answers = await asyncio.gather(*(stub.ModelInfer(request, timeout=10) for request in batched))
+    assert [codec.response_arrays(answer)["OUTPUT1"].tolist() for answer in answers] == [[1], [3], [3], [3]]
 
 
 @dataclass(frozen=True)
