@@ -368,8 +368,9 @@ class ModelManager:
             }.get(type(error).__name__, "error")
             raise
         finally:
-            self._metrics.requests.labels(pool.model_name, pool.model_version, outcome).inc()
-            self._metrics.request_seconds.labels(pool.model_name).observe(time.perf_counter() - started)
+            counter, seconds = pool.request_series(outcome)
+            counter.inc()
+            seconds.observe(time.perf_counter() - started)
 
     # -- views ----------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from opentelemetry import propagate, trace
+from prometheus_client import Counter, Histogram
 
 from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.logs import fields
@@ -152,7 +153,8 @@ class _Run:
     """A worker call carrying a batch of requests."""
 
     members: list[_Request]
-    abandoned: asyncio.Event = field(default_factory=asyncio.Event)  # every member's caller gave up
+    abandoned: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    """Done when every member's caller gave up."""
     reason: str = ""
 
     def fail(self, error: Exception) -> None:
@@ -211,6 +213,7 @@ class WorkerPool:
         self._idle_event.set()
         self._queue: deque[_Request] = deque()
         self._queue_gauge = metrics.queue_depth.labels(model_name)
+        self._series: dict[str, tuple[Counter, Histogram]] = {}
         self._gauged = 0
         self._runs: set[asyncio.Task[None]] = set()
         self._delay_timer: asyncio.TimerHandle | None = None
@@ -658,7 +661,8 @@ class WorkerPool:
             self._schedule(fresh=True)
             self._peak_waiting = max(self._peak_waiting, len(self._queue))
             try:
-                result = await asyncio.wait_for(asyncio.shield(request.future), max(0.0, deadline - time.time()))
+                async with asyncio.timeout(max(0.0, deadline - time.time())):
+                    result = await request.future  # cancelled with its caller: the batch then skips it
             except TimeoutError:
                 running = self._leave(request, "timeout")
                 if running:
@@ -691,7 +695,8 @@ class WorkerPool:
         request.gone = True
         if all(member.gone for member in request.run.members):
             request.run.reason = reason
-            request.run.abandoned.set()
+            if not request.run.abandoned.done():
+                request.run.abandoned.set_result(None)
         return True
 
     async def _run(self, slot: _Slot, run: _Run) -> None:
@@ -724,7 +729,7 @@ class WorkerPool:
                 "worker.request_sent",
                 extra=fields(worker_id=slot.worker_id, pid=process.pid, batch_size=len(batch)),
             )
-        abandoned = asyncio.ensure_future(run.abandoned.wait())
+        abandoned = run.abandoned
         try:
             await process.sent(pending)
             await asyncio.wait(
@@ -740,8 +745,6 @@ class WorkerPool:
             process.discard(pending)
             run.fail(Unavailable(f"model {self.model_name} is being unloaded"))
             raise
-        finally:
-            abandoned.cancel()
         if not pending.future.done():
             reason = run.reason or "timeout"
             error = (
@@ -795,6 +798,16 @@ class WorkerPool:
         if result.code == "INVALID_ARGUMENT":
             return InvalidArgument(result.message, [("inputs", result.message)])
         return Internal(f"model {self.model_name}: {result.message}")
+
+    def request_series(self, outcome: str) -> tuple[Counter, Histogram]:
+        """This version's request counter for ``outcome`` and its latency histogram (label lookups cached)."""
+        series = self._series.get(outcome)
+        if series is None:
+            series = self._series[outcome] = (
+                self._metrics.requests.labels(self.model_name, self.model_version, outcome),
+                self._metrics.request_seconds.labels(self.model_name),
+            )
+        return series
 
     # -- views ----------------------------------------------------------------------------
 
