@@ -25,10 +25,10 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2  # noqa: F401  (lets reflection describe rich error details)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+from services.common import reflection
 from services.common.client import create_channel
 from services.common.errors import ErrorInterceptor
 from services.common.logs import bind_service, fields, reset_service
@@ -147,13 +147,8 @@ class GrpcServer:
             ready = self.initially_ready
         token = bind_service(self.service)
         try:
-            reflection.enable_server_reflection(
-                [
-                    *self._service_names,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
-                ],
-                self._server,
+            reflection.enable(
+                [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], self._server
             )
             address = f"{self.settings.host}:{self.settings.port}"
             self.port = self._server.add_insecure_port(address)

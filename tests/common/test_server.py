@@ -8,7 +8,10 @@ import subprocess
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import reflection
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -124,3 +127,35 @@ async def test_message_size_limit_from_settings(start_service, channel_to):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ModelInfer(too_big, timeout=5)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize("name", sorted(OWN_SERVICES))
+async def test_reflection_v1_answers_like_v1alpha(name, start_service, channel_to):
+    """Newer grpcurl, grpcui and Postman ask grpc.reflection.v1 first."""
+    server = await start_service(name)
+    request_class = reflection.v1_message("ServerReflectionRequest")
+    response_class = reflection.v1_message("ServerReflectionResponse")
+    call = channel_to(server).stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=request_class.SerializeToString,
+        response_deserializer=response_class.FromString,
+    )
+    own = sorted(OWN_SERVICES[name])[0]
+    stream = call(iter([request_class(list_services=""), request_class(file_containing_symbol=own)]), timeout=10)
+    listing, files = [answer async for answer in stream]
+    listed = {service.name for service in listing.list_services_response.service}
+    assert {*OWN_SERVICES[name], "grpc.health.v1.Health", reflection.V1_SERVICE_NAME} <= listed
+    assert "grpc.reflection.v1alpha.ServerReflection" in listed
+    described = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in files.file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(own.rsplit(".", 1)[-1] in {s.name for s in fd.service} for fd in described)
+    # The v1 service can describe itself, as grpcurl's `describe` needs.
+    stream = call(iter([request_class(file_containing_symbol=reflection.V1_SERVICE_NAME)]), timeout=10)
+    [itself] = [answer async for answer in stream]
+    [proto] = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in itself.file_descriptor_response.file_descriptor_proto
+    ]
+    assert proto.package == "grpc.reflection.v1"
