@@ -1,7 +1,8 @@
 """The request log: one JSON line per RPC, written inside the RPC's trace.
 
-Health checks and reflection are logged at DEBUG, so that probes every few seconds do not
-drown the log; everything else at INFO (WARNING for server-side failures).
+Health checks (the standard health service, and the worker-health query the gateway polls every
+second) and reflection are logged at DEBUG, so that probes do not drown the log; everything else at
+INFO (WARNING for server-side failures).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 _QUIET_SERVICES = frozenset(
     {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 )
+_QUIET_METHODS = frozenset({"/inference.v1.WorkerPoolService/GetWorkerHealth"})
 _SERVER_FAULTS = frozenset(
     {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAVAILABLE}
 )
@@ -46,7 +48,7 @@ class RequestLogInterceptor(ScopeInterceptor):
         finally:
             code = outcome_code(context, error)
             level = logging.INFO
-            if info.service in _QUIET_SERVICES:
+            if info.service in _QUIET_SERVICES or info.full_method in _QUIET_METHODS:
                 level = logging.DEBUG
             elif code in _SERVER_FAULTS:
                 level = logging.WARNING

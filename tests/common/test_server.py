@@ -12,6 +12,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import reflection
+from tests.polling import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -159,3 +160,19 @@ async def test_reflection_v1_answers_like_v1alpha(name, start_service, channel_t
         for raw in itself.file_descriptor_response.file_descriptor_proto
     ]
     assert proto.package == "grpc.reflection.v1"
+
+
+async def test_the_gateways_worker_health_polling_logs_at_debug(start_service, logs):
+    """The gateway asks inference for worker health every interval: those lines must not fill the INFO log."""
+    await start_service("gateway")
+
+    def polls() -> list[dict]:
+        return [
+            line
+            for line in logs.lines
+            if line["event"] == "rpc.finished"
+            and line.get("method") == "/inference.v1.WorkerPoolService/GetWorkerHealth"
+        ]
+
+    await eventually(lambda: len(polls()) >= 3, within=30)
+    assert {line["level"] for line in polls()} == {"debug"}
