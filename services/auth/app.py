@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from auth.v1 import auth_pb2, auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from services.auth import validation
 from services.auth.core import AuthConfig, AuthCore
 from services.auth.metrics import AuthMetrics
 from services.auth.notifier import build_notifier
@@ -104,6 +105,9 @@ async def open_core(
             access_ttl_seconds=settings.access_token_ttl_seconds,
             refresh_ttl_seconds=settings.refresh_token_ttl_seconds,
             reset_ttl_seconds=settings.reset_token_ttl_seconds,
+            reserved_usernames=frozenset(
+                validation.normalise_username(name) for name in settings.reserved_usernames.split(",") if name.strip()
+            ),
             lockout=LockoutPolicy(
                 threshold=settings.lockout_threshold,
                 base_seconds=settings.lockout_base_seconds,

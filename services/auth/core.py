@@ -87,6 +87,7 @@ class AuthConfig:
     refresh_ttl_seconds: int
     reset_ttl_seconds: int
     lockout: LockoutPolicy
+    reserved_usernames: frozenset[str] = frozenset()
 
 
 class AuthCore:
@@ -130,6 +131,8 @@ class AuthCore:
     async def register(self, caller: Caller, username: str, email: str, password: str) -> str:
         violations: validation.Violations = []
         name = validation.username(username, violations)
+        if name and name in self._config.reserved_usernames:
+            violations.append(("username", "is reserved; choose another"))
         address = validation.email(email, violations)
         try:
             secret = self._policy.check(password, username=name or username)
@@ -137,7 +140,12 @@ class AuthCore:
             violations.extend(error.violations)
             secret = ""
         if violations:
-            raise InvalidArgument("the registration request is invalid", violations)
+            reserved = ("username", "is reserved; choose another") in violations
+            raise InvalidArgument(
+                "the registration request is invalid",
+                violations,
+                reason="USERNAME_RESERVED" if reserved else "INVALID_ARGUMENT",
+            )
         user = await self.create_user(name, address, secret, roles=(ROLE_USER,))
         await self._audit("REGISTERED", "success", caller, user_id=user.id, username=user.username)
         return user.id

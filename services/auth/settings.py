@@ -68,6 +68,13 @@ class AuthSettings(ServiceSettings):
     smtp_starttls: bool = Field(default=True, description="Upgrade the SMTP connection with STARTTLS.")
     smtp_sender: str = Field(default="no-reply@ml-platform.local", description="From address of reset mails.")
 
+    reserved_usernames: str = Field(
+        default="admin,administrator,root,superuser,system,sysadmin,support,security,postmaster,hostmaster,"
+        "webmaster,abuse,noreply,no-reply,operator,service,auth,gateway,inference,ml-platform",
+        description="Comma-separated usernames that Register refuses (compared after normalisation); the"
+        " operator's create-user and the bootstrap administrator may still use them.",
+    )
+
     # First administrator
     bootstrap_admin_username: str | None = Field(default=None, description="Admin account created at start.")
     bootstrap_admin_password: SecretStr | None = Field(default=None, description="Its password.")

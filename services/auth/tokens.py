@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -326,6 +327,8 @@ class TokenIssuer:
         current = time.time() if now is None else now
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("malformed", "empty or oversized")
+        if not _canonical(token):
+            raise InvalidToken("malformed", "not in canonical compact form")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as error:
@@ -343,17 +346,21 @@ class TokenIssuer:
                 algorithms=[ALGORITHM],
                 issuer=self._issuer,
                 audience=self._audience,
-                # Time claims are checked below, against `now`.
+                # PyJWT checks the time claims against the clock (with the leeway); a test's `now` is
+                # checked below instead, by the same rules.
                 options={
                     "require": _REQUIRED_CLAIMS,
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
+                    "verify_exp": now is None,
+                    "verify_nbf": now is None,
+                    "verify_iat": now is None,
                     "strict_aud": True,
                 },
+                leeway=self._leeway,
             )
         except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError) as error:
             raise InvalidToken("bad_signature") from error
+        except jwt.ExpiredSignatureError as error:
+            raise InvalidToken("expired") from error
         except jwt.DecodeError as error:
             raise InvalidToken("malformed", "unreadable payload") from error
         except jwt.PyJWTError as error:
@@ -361,10 +368,17 @@ class TokenIssuer:
         return self._claims(payload, current)
 
     def _claims(self, payload: dict[str, Any], now: float) -> AccessClaims:
-        times = {name: payload[name] for name in ("iat", "nbf", "exp")}
-        for name, value in times.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise InvalidToken("invalid_claims", f"{name} is not a number")
+        times: dict[str, float] = {}
+        for name in ("iat", "nbf", "exp"):
+            value = payload[name]
+            try:  # a JSON number may be any size: 1e400 is inf, 10**400 does not fit a float
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise TypeError(name)
+                times[name] = float(value)
+            except (TypeError, OverflowError):
+                raise InvalidToken("invalid_claims", f"{name} is not a usable time") from None
+            if not math.isfinite(times[name]) or abs(times[name]) > _LATEST_TIME:
+                raise InvalidToken("invalid_claims", f"{name} is not a usable time")
         if now >= times["exp"] + self._leeway:
             raise InvalidToken("expired")
         if times["nbf"] > now + self._leeway or times["iat"] > now + self._leeway:
@@ -385,6 +399,24 @@ class TokenIssuer:
             expires_at=float(times["exp"]),
             token_id=strings["jti"],
         )
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+_LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: any later "time" is not one
+
+
+def _canonical(token: str) -> bool:
+    """Three unpadded base64url segments, each exactly as re-encoding its bytes gives it back.
+
+    Base64 decoders accept padding and ignore stray low bits, so one token has many spellings;
+    only the one this service writes is accepted."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(_SEGMENT.fullmatch(part) for part in parts):
+        return False
+    try:
+        return all(_b64url(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))) == part for part in parts)
+    except ValueError:
+        return False
 
 
 def new_opaque_token() -> str:

@@ -25,6 +25,11 @@ def _has_control(value: str) -> bool:
     return any(unicodedata.category(char) == "Cc" for char in value)
 
 
+def normalise_username(value: str) -> str:
+    """The form usernames are compared in (NFKC, lower case, surrounding space dropped)."""
+    return unicodedata.normalize("NFKC", value.strip()).lower()
+
+
 def username(value: str, violations: Violations, field: str = "username") -> str:
     """NFKC-normalised, lower-case; 3-64 of a-z 0-9 . _ - starting and ending alphanumeric."""
     if not value:

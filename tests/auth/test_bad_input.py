@@ -7,7 +7,7 @@ import pytest
 from auth.v1 import auth_pb2 as pb
 
 from tests.auth.conftest import PASSWORD
-from tests.rpc import rpc_error, violations
+from tests.rpc import details, rpc_error, violations
 
 MiB = 1024 * 1024
 
@@ -97,3 +97,17 @@ async def test_invalid_utf8_is_invalid_argument(auth):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(error)
     assert users(auth) == 1  # the bootstrap admin only
+
+
+async def test_reserved_usernames_cannot_be_registered(start_auth):
+    auth = await start_auth(reserved_usernames="admin,root,Support")
+    for name in ("admin", "ROOT", "support", "\uff21\uff44\uff4d\uff49\uff4e"):  # case and width (NFKC) folded
+        error = await rpc_error(
+            auth.stub.Register(
+                pb.RegisterRequest(username=name, email=f"{abs(hash(name))}@example.com", password=PASSWORD), timeout=5
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violations(error) == {"username": "is reserved; choose another"}
+        assert details(error)["ErrorInfo"].reason == "USERNAME_RESERVED"
+    assert await auth.register("administrator2")  # not on this list

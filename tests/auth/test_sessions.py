@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 import jwt
 from auth.v1 import auth_pb2 as pb
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.auth.conftest import PASSWORD, bearer
 from tests.rpc import details, rpc_error
@@ -156,3 +158,31 @@ async def test_a_restart_loses_no_account_session_or_audit_event(start_auth):
 
 async def test_database_is_in_wal_mode(auth):
     assert auth.query("PRAGMA journal_mode")[0][0] == "wal"
+
+
+async def test_tokens_with_absurd_time_claims_are_unauthenticated_everywhere(start_auth, clock):
+    """Signed with the service's real key: exp or iat of 10**400 once crashed validation (INTERNAL)."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    auth = await start_auth(signing_key=pem.decode())
+    await auth.register("zoe")
+    genuine = (await auth.login("zoe")).access_token
+    header = jwt.get_unverified_header(genuine)
+    claims = jwt.decode(genuine, options={"verify_signature": False})
+    for claim in ("exp", "iat"):
+        forged = jwt.encode({**claims, claim: 10**400}, key, algorithm="EdDSA", headers={"kid": header["kid"]})
+        calls = (
+            auth.stub.ValidateToken(pb.ValidateTokenRequest(access_token=forged), timeout=5),
+            auth.stub.Logout(pb.LogoutRequest(), metadata=bearer(forged), timeout=5),
+            auth.stub.ChangePassword(
+                pb.ChangePasswordRequest(current_password=PASSWORD, new_password="another fine passphrase"),
+                metadata=bearer(forged),
+                timeout=5,
+            ),
+        )
+        for call in calls:
+            error = await rpc_error(call)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (claim, error.details())
+    padded = await rpc_error(auth.stub.ValidateToken(pb.ValidateTokenRequest(access_token=genuine + "=="), timeout=5))
+    assert padded.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await auth.stub.ValidateToken(pb.ValidateTokenRequest(access_token=genuine), timeout=5)).username == "zoe"

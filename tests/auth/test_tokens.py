@@ -8,6 +8,7 @@ import hmac
 import json
 import re
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -435,3 +436,44 @@ def test_opaque_tokens() -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", digest)
     assert digest == token_digest(token) == hashlib.sha256(token.encode()).hexdigest()
     assert len({token_digest(token) for token in tokens}) == 1000
+
+
+def signed(key: Ed25519PrivateKey, kid: str, payload: dict[str, object]) -> str:
+    """A token signed with the real key, whatever its claims say."""
+    token, signing_input = assemble({"alg": "EdDSA", "typ": "JWT", "kid": kid}, payload)
+    return token + b64url(key.sign(signing_input))
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize("value", [10**400, -(10**400), 1e308, 10**18], ids=["huge", "minus-huge", "1e308", "1e18"])
+@pytest.mark.parametrize("clock", ["injected", "pyjwt"])
+def test_absurd_time_claims_are_invalid_not_a_crash(claim: str, value: object, clock: str) -> None:
+    key = Ed25519PrivateKey.generate()
+    ring = KeyRing(key)
+    issuer = make_issuer(ring)
+    now = time.time() if clock == "pyjwt" else NOW
+    token = signed(key, ring.kid, {**valid_payload(now), claim: value})
+    with pytest.raises(InvalidToken) as caught:
+        issuer.verify(token, now=None if clock == "pyjwt" else now)
+    assert caught.value.reason in ("invalid_claims", "expired", "malformed")
+
+
+def test_only_the_canonical_spelling_of_a_token_is_accepted(issuer: TokenIssuer) -> None:
+    token = issue(issuer)
+    assert issuer.verify(token, now=NOW).user_id == "u-1"
+    header, payload, signature = token.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    index = alphabet.index(signature[-1])  # 64 bytes in 86 characters: the last one has 4 unused low bits
+    sibling = alphabet[(index & ~0xF) | ((index + 1) & 0xF)]
+    assert b64url_decode(signature[:-1] + sibling) == b64url_decode(signature)
+    for variant in (
+        token + "==",
+        token + "=",
+        f"{header}=.{payload}.{signature}",
+        f"{header}.{payload}.{signature[:-1]}{sibling}",  # same bytes, other trailing bits
+        f" {token}",
+        token.replace("-", "+").replace("_", "/"),
+    ):
+        if variant == token:
+            continue
+        assert reason_of(issuer, variant) == "malformed", variant
