@@ -61,7 +61,7 @@ class AuthSettings(ServiceSettings):
 
     # Password reset and its delivery
     reset_token_ttl_seconds: int = Field(default=1800, ge=60, description="Lifetime of a password-reset token.")
-    smtp_host: str | None = Field(default=None, description="SMTP server for reset mails; unset = outbox file.")
+    smtp_host: str | None = Field(default=None, description="SMTP server for reset mails; unset = outbox file (refused in production).")
     smtp_port: int = Field(default=587, ge=1, le=65535, description="SMTP port.")
     smtp_username: str | None = Field(default=None, description="SMTP login.")
     smtp_password: SecretStr | None = Field(default=None, description="SMTP password.")
@@ -97,4 +97,7 @@ class AuthSettings(ServiceSettings):
     def _production_rules(self) -> AuthSettings:
         if self.env == "production" and self.hash_profile == "development":
             raise ValueError("AUTH_HASH_PROFILE=development is refused when AUTH_ENV=production")
+        if self.env == "production" and not self.smtp_host:
+            # The outbox file holds reset tokens in plaintext: a development aid only.
+            raise ValueError("AUTH_SMTP_HOST is required when AUTH_ENV=production (the outbox file is refused)")
         return self

@@ -64,10 +64,31 @@ def test_production_env_refuses_the_development_profile(tmp_path):
     assert "AUTH_HASH_PROFILE=development is refused when AUTH_ENV=production" in done.stderr
 
 
-def test_production_env_needs_a_signing_key(tmp_path):
+def test_production_env_refuses_the_plaintext_outbox(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "services.auth"],
         env={"AUTH_ENV": "production", "AUTH_DATA_DIR": str(tmp_path), "AUTH_PORT": "0", "AUTH_METRICS_PORT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "AUTH_SMTP_HOST is required when AUTH_ENV=production" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "outbox.jsonl").exists()
+
+
+def test_production_env_needs_a_signing_key(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "services.auth"],
+        env={
+            "AUTH_ENV": "production",
+            "AUTH_SMTP_HOST": "smtp.example.com",
+            "AUTH_DATA_DIR": str(tmp_path),
+            "AUTH_PORT": "0",
+            "AUTH_METRICS_PORT": "0",
+        },
         capture_output=True,
         text=True,
         timeout=60,
