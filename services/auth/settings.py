@@ -61,7 +61,9 @@ class AuthSettings(ServiceSettings):
 
     # Password reset and its delivery
     reset_token_ttl_seconds: int = Field(default=1800, ge=60, description="Lifetime of a password-reset token.")
-    smtp_host: str | None = Field(default=None, description="SMTP server for reset mails; unset = outbox file (refused in production).")
+    smtp_host: str | None = Field(
+        default=None, description="SMTP server for reset mails; unset = outbox file (refused in production)."
+    )
     smtp_port: int = Field(default=587, ge=1, le=65535, description="SMTP port.")
     smtp_username: str | None = Field(default=None, description="SMTP login.")
     smtp_password: SecretStr | None = Field(default=None, description="SMTP password.")
