@@ -39,7 +39,7 @@ async def _create_user(core: AuthCore, args: argparse.Namespace) -> int:
         raise SettingsError("; ".join(f"{field}: {text}" for field, text in violations))
     secret = core.check_password(password, username=name)
     roles = (ROLE_USER, ROLE_ADMIN) if args.admin else (ROLE_USER,)
-    user = await core.create_user(name, address, secret, roles=roles)
+    user = await core.create_user(name, address, secret, roles=roles, reason="cli")
     _say(f"created {user.username} ({user.id}) roles={','.join(user.roles)}")
     return 0
 

@@ -146,12 +146,22 @@ class AuthCore:
                 violations,
                 reason="USERNAME_RESERVED" if reserved else "INVALID_ARGUMENT",
             )
-        user = await self.create_user(name, address, secret, roles=(ROLE_USER,))
-        await self._audit("REGISTERED", "success", caller, user_id=user.id, username=user.username)
+        user = await self.create_user(name, address, secret, roles=(ROLE_USER,), caller=caller)
         return user.id
 
-    async def create_user(self, username: str, email: str, password: str, *, roles: tuple[str, ...]) -> User:
-        """Create an account from already-validated values (also used by the CLI and bootstrap)."""
+    async def create_user(
+        self,
+        username: str,
+        email: str,
+        password: str,
+        *,
+        roles: tuple[str, ...],
+        caller: Caller | None = None,
+        reason: str = "",
+    ) -> User:
+        """Create an account from already-validated values (also used by the CLI and bootstrap).
+
+        The account and its REGISTERED audit event commit together."""
         password_hash = await self._hash(self._hasher.hash, password)
         user = User(
             id=str(uuid.uuid4()),
@@ -162,10 +172,14 @@ class AuthCore:
             roles=roles,
             created_at=self._clock(),
         )
+        event = self._event(
+            "REGISTERED", "success", caller or Caller(), user_id=user.id, username=username, reason=reason
+        )
         try:
-            await self._store.create_user(user)
+            event_id = await self._store.create_user(user, event)
         except UserExists:
             raise AlreadyExists("that username or e-mail address is already registered") from None
+        self._log_audit(event_id, event)
         await self.refresh_hash_gauge()
         return user
 
@@ -191,8 +205,7 @@ class AuthCore:
         if await self._store.get_user_by_username(name) is not None:
             return False
         secret = self._policy.check(password, username=name, field="AUTH_BOOTSTRAP_ADMIN_PASSWORD")
-        user = await self.create_user(name, address, secret, roles=(ROLE_USER, ROLE_ADMIN))
-        await self._audit("REGISTERED", "success", Caller(), user_id=user.id, username=name, reason="bootstrap_admin")
+        await self.create_user(name, address, secret, roles=(ROLE_USER, ROLE_ADMIN), reason="bootstrap_admin")
         return True
 
     # -- login and sessions ---------------------------------------------------------------
@@ -536,8 +549,24 @@ class AuthCore:
         reason: str = "",
         details: dict[str, str] | None = None,
     ) -> None:
+        event = self._event(
+            event_type, outcome, caller, user_id=user_id, username=username, reason=reason, details=details
+        )
+        self._log_audit(await self._store.append_audit(event), event)
+
+    def _event(
+        self,
+        event_type: str,
+        outcome: str,
+        caller: Caller,
+        *,
+        user_id: str = "",
+        username: str = "",
+        reason: str = "",
+        details: dict[str, str] | None = None,
+    ) -> AuditEvent:
         trace_id, _ = current_trace_ids()
-        event = AuditEvent(
+        return AuditEvent(
             event_type=event_type,
             occurred_at=self._clock(),
             outcome=outcome,
@@ -548,17 +577,19 @@ class AuthCore:
             reason=reason,
             details=details or {},
         )
-        event_id = await self._store.append_audit(event)
+
+    @staticmethod
+    def _log_audit(event_id: int, event: AuditEvent) -> None:
         log.info(
             "audit",
             extra=fields(
                 audit_id=event_id,
-                event_type=event_type,
-                outcome=outcome,
-                user_id=user_id,
-                username=username,
-                client_ip=caller.client_ip,
-                reason=reason,
+                event_type=event.event_type,
+                outcome=event.outcome,
+                user_id=event.user_id,
+                username=event.username,
+                client_ip=event.client_ip,
+                reason=event.reason,
                 details=event.details,
             ),
         )

@@ -208,8 +208,8 @@ class SqliteStore:
 
     # -- users ----------------------------------------------------------------------------
 
-    async def create_user(self, user: User) -> None:
-        def insert(db: sqlite3.Connection) -> None:
+    async def create_user(self, user: User, audit: AuditEvent | None = None) -> int:
+        def insert(db: sqlite3.Connection) -> int:
             try:
                 db.execute(
                     "INSERT INTO users (id, username, email, password_hash, hash_scheme, roles, created_at)"
@@ -226,8 +226,9 @@ class SqliteStore:
                 )
             except sqlite3.IntegrityError as error:
                 raise UserExists(str(error)) from None
+            return _insert_audit(db, audit) if audit is not None else 0
 
-        await self._run(insert)
+        return await self._run(insert)
 
     async def get_user_by_username(self, username: str) -> User | None:
         return await self._run(
@@ -416,25 +417,7 @@ class SqliteStore:
     # -- audit ----------------------------------------------------------------------------
 
     async def append_audit(self, event: AuditEvent) -> int:
-        def insert(db: sqlite3.Connection) -> int:
-            cursor = db.execute(
-                "INSERT INTO audit_events (event_type, occurred_at, outcome, user_id, username, client_ip, trace_id,"
-                " reason, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event.event_type,
-                    event.occurred_at,
-                    event.outcome,
-                    event.user_id,
-                    event.username,
-                    event.client_ip,
-                    event.trace_id,
-                    event.reason,
-                    json.dumps(event.details, sort_keys=True),
-                ),
-            )
-            return int(cursor.lastrowid or 0)
-
-        return await self._run(insert)
+        return await self._run(lambda db: _insert_audit(db, event))
 
     async def list_audit(self, query: AuditQuery) -> list[AuditEvent]:
         clauses = ["id > ?"]
@@ -498,3 +481,23 @@ def _statements(script: str) -> list[str]:
     if buffer.strip():
         statements.append(buffer.strip())
     return statements
+
+
+def _insert_audit(db: sqlite3.Connection, event: AuditEvent) -> int:
+    """Append ``event`` in the caller's transaction; its id."""
+    cursor = db.execute(
+        "INSERT INTO audit_events (event_type, occurred_at, outcome, user_id, username, client_ip, trace_id,"
+        " reason, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.event_type,
+            event.occurred_at,
+            event.outcome,
+            event.user_id,
+            event.username,
+            event.client_ip,
+            event.trace_id,
+            event.reason,
+            json.dumps(event.details, sort_keys=True),
+        ),
+    )
+    return int(cursor.lastrowid or 0)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import grpc
 from auth.v1 import auth_pb2 as pb
 
-from tests.auth.conftest import bearer
+from tests.auth.conftest import PASSWORD, bearer
 from tests.rpc import rpc_error
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -99,3 +101,25 @@ async def test_start_logs_the_hash_profile(start_auth, logs, tmp_path):
     await start_auth(hash_profile="production", data_dir=tmp_path / "prod")
     [line] = logs.events("auth.hash_profile")
     assert (line["profile"], line["memory_kib"], line["time_cost"], line["parallelism"]) == ("production", 19456, 2, 1)
+
+
+async def test_an_account_and_its_registered_event_commit_together(auth):
+    """If the audit event cannot be written, the account is not created either (one transaction)."""
+    writer = sqlite3.connect(auth.data_dir / "auth.db")
+    with writer:
+        writer.execute(
+            "CREATE TRIGGER refuse_registered BEFORE INSERT ON audit_events WHEN NEW.event_type = 'REGISTERED'"
+            " BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+        )
+    request = pb.RegisterRequest(username="ulla", email="ulla@example.com", password=PASSWORD)
+    failed = await rpc_error(auth.stub.Register(request, timeout=10))
+    assert failed.code() == grpc.StatusCode.INTERNAL
+    assert "audit refused" not in failed.details()  # the cause goes to the log only
+    with writer:
+        writer.execute("DROP TRIGGER refuse_registered")
+    writer.close()
+    # Nothing of the first attempt was kept: the same username and address register now, once.
+    created = await auth.stub.Register(request, timeout=10)
+    assert created.user_id
+    events = auth.query("SELECT user_id FROM audit_events WHERE event_type = 'REGISTERED' AND username = 'ulla'")
+    assert [row["user_id"] for row in events] == [created.user_id]
