@@ -431,7 +431,7 @@ class AuthCore:
         if violations:
             raise InvalidArgument("the reset request is invalid", violations)
         user = await self._store.get_user_by_email(address)
-        await self._audit(
+        event = self._event(
             "PASSWORD_RESET_REQUESTED",
             "success" if user else "failure",
             caller,
@@ -439,12 +439,16 @@ class AuthCore:
             username=user.username if user else "",
             reason="" if user else "unknown_email",
         )
+        # Known or not, the same work is awaited: one read, then one write transaction (the token with its
+        # event, or the event alone), so the answer's timing does not tell whether the address is registered.
         if user is None:
+            self._log_audit(await self._store.append_audit(event), event)
             return
         token = new_opaque_token()
         now = self._clock()
         ttl = self._config.reset_ttl_seconds
-        await self._store.create_reset_token(ResetToken(token_digest(token), user.id, now, now + ttl))
+        event_id = await self._store.create_reset_token(ResetToken(token_digest(token), user.id, now, now + ttl), event)
+        self._log_audit(event_id, event)
         # Deliver in the background: a registered address must not answer slower than an unknown one.
         task = asyncio.get_running_loop().create_task(self._deliver_reset(user, token, ttl))
         self._background.add(task)

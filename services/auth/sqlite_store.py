@@ -370,8 +370,8 @@ class SqliteStore:
 
     # -- password reset -------------------------------------------------------------------
 
-    async def create_reset_token(self, token: ResetToken) -> None:
-        def insert(db: sqlite3.Connection) -> None:
+    async def create_reset_token(self, token: ResetToken, audit: AuditEvent | None = None) -> int:
+        def insert(db: sqlite3.Connection) -> int:
             db.execute(
                 "UPDATE reset_tokens SET invalidated_at = ?"
                 " WHERE user_id = ? AND used_at IS NULL AND invalidated_at IS NULL",
@@ -381,8 +381,9 @@ class SqliteStore:
                 "INSERT INTO reset_tokens (digest, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
                 (token.digest, token.user_id, token.created_at, token.expires_at),
             )
+            return _insert_audit(db, audit) if audit is not None else 0
 
-        await self._run(insert)
+        return await self._run(insert)
 
     async def find_reset_token(self, digest: str, now: float) -> ResetToken | None:
         def select(db: sqlite3.Connection) -> ResetToken | None:

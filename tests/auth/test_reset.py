@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import grpc
 from auth.v1 import auth_pb2 as pb
@@ -112,3 +113,24 @@ async def test_reset_mail_goes_through_a_real_smtp_server(start_auth, tmp_path, 
     await auth.stub.ResetPassword(pb.ResetPasswordRequest(token=token, new_password=NEW), timeout=10)
     assert (await auth.login("amber", NEW)).access_token
     assert not (auth.data_dir / "outbox.jsonl").exists()
+
+
+async def test_a_reset_token_and_its_audit_event_commit_together(auth):
+    """If the event cannot be written, neither is the new token, and the earlier token stays the live one."""
+    await auth.register("vera")
+    await request_reset(auth, "vera@example.com")
+    [first] = await wait_for_outbox(auth, 1)
+    writer = sqlite3.connect(auth.data_dir / "auth.db")
+    with writer:
+        writer.execute(
+            "CREATE TRIGGER refuse_reset BEFORE INSERT ON audit_events WHEN NEW.event_type = 'PASSWORD_RESET_REQUESTED'"
+            " BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+        )
+    failed = await rpc_error(request_reset(auth, "vera@example.com"))
+    assert failed.code() == grpc.StatusCode.INTERNAL
+    with writer:
+        writer.execute("DROP TRIGGER refuse_reset")
+    writer.close()
+    assert outbox_tokens(auth) == [first]  # no mail for the refused request
+    await auth.stub.ResetPassword(pb.ResetPasswordRequest(token=first, new_password=NEW), timeout=10)
+    assert (await auth.login("vera", NEW)).access_token
