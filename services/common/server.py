@@ -198,14 +198,20 @@ class GrpcServer:
         return self._ready
 
     async def stop(self) -> None:
-        """Shut down in order: health NOT_SERVING, stop(grace), closers, metrics, telemetry."""
+        """Shut down in order: health NOT_SERVING, serve on for the shutdown delay, stop(grace) (no new RPCs,
+        accepted ones finish), closers, metrics, telemetry."""
         if self._stopped.is_set():
             return
         token = bind_service(self.service)
         try:
             grace = self.settings.grace_seconds
             log.info("server.stopping", extra=fields(grace_seconds=grace))
-            await self._health.enter_graceful_shutdown()
+            await self._health.enter_graceful_shutdown()  # every health name NOT_SERVING, and it stays so
+            delay = self.settings.shutdown_delay_seconds
+            if delay > 0 and self._started:
+                # Still serving: callers that look at health (load balancers, round robin) move away meanwhile.
+                log.info("server.draining", extra=fields(delay_seconds=delay))
+                await asyncio.sleep(delay)
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)

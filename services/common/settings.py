@@ -28,6 +28,13 @@ class ServiceSettings(BaseSettings):
     grace_seconds: float = Field(
         default=10.0, ge=0, le=300, description="On SIGTERM, how long in-flight RPCs may finish."
     )
+    shutdown_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM, how long the service reports NOT_SERVING while still serving, before it stops"
+        " accepting (so load balancers and clients' round robin move away first).",
+    )
     max_message_bytes: int = Field(
         default=4 * MiB, ge=1024, le=2**31 - 1, description="Largest gRPC message received or sent."
     )

@@ -12,6 +12,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import reflection
+from tests.inference.conftest import eventually_async
 from tests.polling import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -176,3 +177,26 @@ async def test_the_gateways_worker_health_polling_logs_at_debug(start_service, l
 
     await eventually(lambda: len(polls()) >= 3, within=30)
     assert {line["level"] for line in polls()} == {"debug"}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_SERVICES))
+async def test_on_stop_health_says_not_serving_while_rpcs_are_still_served(name, start_service, channel_to):
+    """The shutdown delay: health NOT_SERVING first, RPCs still answered, then the stop."""
+    server = await start_service(name, shutdown_delay_seconds=2.0)
+    health = health_pb2_grpc.HealthStub(channel_to(server))
+    stopping = asyncio.ensure_future(server.stop())
+
+    async def not_serving() -> bool:
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return answer.status == NOT_SERVING
+
+    await eventually_async(not_serving, within=5)
+    # Still accepted and answered during the delay (the stop has not got to refusing RPCs yet).
+    for _ in range(3):
+        answer = await health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=5)
+        assert answer.status == NOT_SERVING
+    assert not stopping.done()
+    await stopping
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
