@@ -5,8 +5,13 @@ Plain Python and numpy over the generated ``inference`` messages; nothing here k
 Decoding a request (:func:`decode_request`) validates every input against the model's declared
 inputs and raises :class:`~services.common.errors.InvalidArgument` naming the tensor in the message
 and in a field violation (``inputs[NAME]``, ``inputs[NAME].datatype``, ``inputs[NAME].shape``,
-``inputs[NAME].contents``, ``inputs[NAME].raw_input_contents``). A tensor larger than
-``max_elements`` raises :class:`~services.common.errors.ResourceExhausted`.
+``inputs[NAME].contents``, ``inputs[NAME].raw_input_contents``), with an ErrorInfo reason from
+:mod:`services.inference.reasons` (``SHAPE_MISMATCH``, ``RAW_SIZE_MISMATCH``, ...). Names longer
+than :data:`~services.inference.reasons.MAX_NAME_CHARS` are refused first (``NAME_TOO_LONG``,
+field ``inputs[INDEX].name``); client strings in messages are cut (:func:`~services.inference.reasons.clip`).
+Inputs with more than ``max_elements`` elements together raise
+:class:`~services.common.errors.ResourceExhausted` (``TOO_MANY_INPUT_ELEMENTS``) before their data
+is read; a 0 dimension is ``ZERO_SIZE_DIMENSION`` unless ``allow_zero_size``.
 
 Wire rules (see ``docs/OPEN_INFERENCE_PROTOCOL.md``):
 
@@ -23,9 +28,11 @@ Wire rules (see ``docs/OPEN_INFERENCE_PROTOCOL.md``):
   are accepted on encode and sent UTF-8 encoded.
 
 Encoding a response (:func:`encode_response`) answers raw (``raw_output_contents``, one entry per
-output, in order) when the request was raw or when any returned output is FP16/BF16, since
-tritonclient matches raw entries to outputs by position; typed contents otherwise. A model result
-that does not fit the declared outputs raises :class:`ModelOutputError` (a server-side fault).
+output, in order) when asked to or when any returned output is FP16/BF16, since tritonclient
+matches raw entries to outputs by position; typed contents otherwise. :func:`raw_outputs` decides
+for a request: its ``raw_output`` parameter (a bool) if set, else raw when the inputs were raw or
+the server always answers raw (Triton does). A model result that does not fit the declared
+outputs raises :class:`ModelOutputError` (a server-side fault).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import numpy.typing as npt
 from inference import grpc_service_pb2 as pb
 
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.inference import reasons
+from services.inference.reasons import check_name, clip
 
 Array = npt.NDArray[Any]
 ParameterValue = bool | int | str | float
@@ -106,6 +115,20 @@ _FIELD_DTYPES: Mapping[str, np.dtype[Any]] = MappingProxyType(
 )
 _MAX_ELEMENTS = 2**63 - 1
 _LENGTH = struct.Struct("<I")
+RAW_OUTPUT_PARAMETER = "raw_output"
+"""Request parameter (bool_param): true = answer in ``raw_output_contents``, false = typed contents."""
+
+
+class _DataError(ValueError):
+    """Tensor data that does not fit its shape or datatype; ``reason`` is its ErrorInfo reason."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _quoted(name: str) -> str:
+    return repr(clip(name))
 
 
 class SpecLike(Protocol):
@@ -142,35 +165,66 @@ class ModelOutputError(Exception):
 
 
 def decode_request(
-    request: pb.ModelInferRequest, inputs: Sequence[SpecLike], max_elements: int | None = None
+    request: pb.ModelInferRequest,
+    inputs: Sequence[SpecLike],
+    max_elements: int | None = None,
+    *,
+    allow_zero_size: bool = True,
 ) -> DecodedRequest:
-    """Validate ``request`` against the declared ``inputs`` and decode its tensors."""
+    """Validate ``request`` against the declared ``inputs`` and decode its tensors.
+
+    ``max_elements`` bounds the elements of all inputs together; ``allow_zero_size`` False refuses
+    tensors with a 0 dimension (the protocol allows them; many models fail on them).
+    """
+    for index, tensor in enumerate(request.inputs):
+        check_name(f"inputs[{index}].name", tensor.name)
+    for index, output in enumerate(request.outputs):
+        check_name(f"outputs[{index}].name", output.name)
     declared = {spec.name: spec for spec in inputs}
     raw_entries = list(request.raw_input_contents)  # one bytes object per entry, read once
     if raw_entries:
         _check_raw_count(request, len(raw_entries))
     arrays: dict[str, Array] = {}
     next_raw = 0
+    total = 0
     for tensor in request.inputs:
         name = tensor.name
         spec = declared.get(name)
         if spec is None:
             known = ", ".join(repr(n) for n in declared) or "none"
             raise InvalidArgument(
-                f"unknown input {name!r}; the model's inputs are: {known}",
+                f"unknown input {_quoted(name)}; the model's inputs are: {known}",
                 [(f"inputs[{name}]", "is not an input of the model")],
+                reason=reasons.UNKNOWN_INPUT,
             )
         if name in arrays:
-            raise InvalidArgument(f"input {name!r} is given more than once", [(f"inputs[{name}]", "is a duplicate")])
+            raise InvalidArgument(
+                f"input {_quoted(name)} is given more than once",
+                [(f"inputs[{name}]", "is a duplicate")],
+                reason=reasons.DUPLICATE_INPUT,
+            )
         if tensor.datatype != spec.datatype:
             raise InvalidArgument(
-                f"input {name!r} has datatype {tensor.datatype!r}, the model expects {spec.datatype}",
+                f"input {_quoted(name)} has datatype {_quoted(tensor.datatype)}, the model expects {spec.datatype}",
                 [(f"inputs[{name}].datatype", f"must be {spec.datatype}")],
+                reason=reasons.DATATYPE_MISMATCH,
             )
         shape = tuple(tensor.shape)
         count = _check_shape(name, shape, spec.shape)
-        if max_elements is not None and count > max_elements:
-            raise ResourceExhausted(f"input {name!r} has {count} elements, more than the limit of {max_elements}")
+        if not allow_zero_size and 0 in shape:
+            raise InvalidArgument(
+                f"input {_quoted(name)} has shape {list(shape)}: a 0 dimension (no elements) is not accepted "
+                "by this model",
+                [(f"inputs[{name}].shape", "dimensions must be > 0")],
+                reason=reasons.ZERO_SIZE_DIMENSION,
+            )
+        total += count
+        if max_elements is not None and total > max_elements:
+            raise ResourceExhausted(
+                f"input {_quoted(name)} brings the request to {total} input elements, more than the limit of "
+                f"{max_elements} per request",
+                reason=reasons.TOO_MANY_INPUT_ELEMENTS,
+            )
         has_contents = tensor.HasField("contents")
         try:
             if raw_entries and not has_contents:
@@ -182,16 +236,19 @@ def decode_request(
             else:
                 where = f"inputs[{name}].contents"
                 if not has_contents and count:
-                    raise ValueError("has no data: neither typed contents nor raw_input_contents")
+                    raise _DataError(reasons.MISSING_DATA, "has no data: neither typed contents nor raw_input_contents")
                 array = _contents_to_array(tensor.contents, spec.datatype, shape, count)
-        except ValueError as error:
-            raise InvalidArgument(f"input {name!r}: {error}", [(where, str(error))]) from None
+        except _DataError as error:
+            raise InvalidArgument(
+                f"input {_quoted(name)}: {error}", [(where, str(error))], reason=error.reason
+            ) from None
         arrays[name] = array
     missing = [name for name in declared if name not in arrays]
     if missing:
         raise InvalidArgument(
             f"missing input {missing[0]!r}; the model needs: {', '.join(repr(n) for n in declared)}",
             [(f"inputs[{name}]", "is required") for name in missing],
+            reason=reasons.MISSING_INPUT,
         )
     return DecodedRequest(
         inputs=arrays,
@@ -206,18 +263,38 @@ def check_requested_outputs(names: Sequence[str], outputs: Sequence[SpecLike]) -
     """Raise InvalidArgument for a requested output the model does not have, or one asked twice."""
     declared = {spec.name for spec in outputs}
     seen: set[str] = set()
-    for name in names:
+    for index, name in enumerate(names):
+        check_name(f"outputs[{index}].name", name)
         if name not in declared:
             known = ", ".join(repr(spec.name) for spec in outputs) or "none"
             raise InvalidArgument(
-                f"unknown output {name!r}; the model's outputs are: {known}",
+                f"unknown output {_quoted(name)}; the model's outputs are: {known}",
                 [(f"outputs[{name}]", "is not an output of the model")],
+                reason=reasons.UNKNOWN_OUTPUT,
             )
         if name in seen:
             raise InvalidArgument(
-                f"output {name!r} is requested more than once", [(f"outputs[{name}]", "is a duplicate")]
+                f"output {_quoted(name)} is requested more than once",
+                [(f"outputs[{name}]", "is a duplicate")],
+                reason=reasons.DUPLICATE_OUTPUT,
             )
         seen.add(name)
+
+
+def raw_outputs(decoded: DecodedRequest, always_raw: bool) -> bool:
+    """Whether to answer ``decoded`` in ``raw_output_contents``: its ``raw_output`` parameter if
+    given (must be a bool, else InvalidArgument), else raw when its inputs were or ``always_raw``."""
+    if RAW_OUTPUT_PARAMETER not in decoded.parameters:
+        return always_raw or decoded.raw
+    value = decoded.parameters[RAW_OUTPUT_PARAMETER]
+    if not isinstance(value, bool):
+        raise InvalidArgument(
+            f"parameter {RAW_OUTPUT_PARAMETER!r} must be a bool_param (true: raw_output_contents, false: typed "
+            f"contents), not {type(value).__name__}",
+            [(f"parameters[{RAW_OUTPUT_PARAMETER}]", "must be a bool_param")],
+            reason=reasons.INVALID_PARAMETER,
+        )
+    return value
 
 
 def batch_size(inputs: Mapping[str, Array], max_batch_size: int, model_name: str = "the model") -> int:
@@ -233,12 +310,14 @@ def batch_size(inputs: Mapping[str, Array], max_batch_size: int, model_name: str
             f"the inputs of a request to {model_name} must have the same batch size (first dimension), "
             f"got {', '.join(f'{name}: {size}' for name, size in sizes.items())}",
             [(f"inputs[{name}].shape", "must have the same first dimension as the other inputs") for name in sizes],
+            reason=reasons.BATCH_SIZE_MISMATCH,
         )
     batch = batches[0] if batches else 1
     if batch > max_batch_size:
         raise InvalidArgument(
             f"the batch size (first dimension) must be <= {max_batch_size} for {model_name}, got {batch}",
             [(f"inputs[{name}].shape", f"first dimension must be <= {max_batch_size}") for name in sizes],
+            reason=reasons.BATCH_TOO_LARGE,
         )
     return int(batch)
 
@@ -250,37 +329,51 @@ def _check_raw_count(request: pb.ModelInferRequest, entries: int) -> None:
     if entries > len(carriers) and entries == len(request.inputs):
         both = next(tensor.name for tensor in request.inputs if tensor.HasField("contents"))
         raise InvalidArgument(
-            f"input {both!r} has both typed contents and raw data in raw_input_contents",
+            f"input {_quoted(both)} has both typed contents and raw data in raw_input_contents",
             [(f"inputs[{both}].contents", "must not be set when the data is in raw_input_contents")],
+            reason=reasons.RAW_AND_TYPED_CONTENTS,
         )
     if entries < len(carriers):
         name = carriers[entries]
         raise InvalidArgument(
-            f"input {name!r} has no data: raw_input_contents has {entries} entries "
+            f"input {_quoted(name)} has no data: raw_input_contents has {entries} entries "
             f"for {len(carriers)} inputs without typed contents",
             [(f"inputs[{name}]", "has neither typed contents nor a raw_input_contents entry")],
+            reason=reasons.MISSING_DATA,
         )
     raise InvalidArgument(
         f"raw_input_contents has {entries} entries but only {len(carriers)} inputs carry raw data",
         [("raw_input_contents", f"must have one entry per input without typed contents ({len(carriers)})")],
+        reason=reasons.RAW_COUNT_MISMATCH,
     )
 
 
 def _check_shape(name: str, shape: tuple[int, ...], declared: Sequence[int]) -> int:
     field = f"inputs[{name}].shape"
+    if len(shape) != len(declared):
+        raise InvalidArgument(
+            f"input {_quoted(name)} has {len(shape)} dimensions, the model expects {list(declared)} (-1 = any size)",
+            [(field, f"must match {list(declared)}")],
+            reason=reasons.SHAPE_MISMATCH,
+        )
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(
-            f"input {name!r} has a negative dimension in shape {list(shape)}", [(field, "dimensions must be >= 0")]
+            f"input {_quoted(name)} has a negative dimension in shape {list(shape)}",
+            [(field, "dimensions must be >= 0")],
+            reason=reasons.NEGATIVE_DIMENSION,
         )
     if not _shape_fits(shape, declared):
         raise InvalidArgument(
-            f"input {name!r} has shape {list(shape)}, the model expects {list(declared)} (-1 = any size)",
+            f"input {_quoted(name)} has shape {list(shape)}, the model expects {list(declared)} (-1 = any size)",
             [(field, f"must match {list(declared)}")],
+            reason=reasons.SHAPE_MISMATCH,
         )
     count = math.prod(shape)
     if count > _MAX_ELEMENTS:
         raise InvalidArgument(
-            f"input {name!r}: the element count of shape {list(shape)} overflows", [(field, "has too many elements")]
+            f"input {_quoted(name)}: the element count of shape {list(shape)} overflows",
+            [(field, "has too many elements")],
+            reason=reasons.SHAPE_OVERFLOW,
         )
     return count
 
@@ -455,44 +548,57 @@ def _raw_to_array(raw: bytes, datatype: str, shape: tuple[int, ...], count: int,
     dtype = DATATYPES[datatype]
     expected = count * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{where} has {len(raw)} bytes, expected {expected} ({count} x {datatype})")
+        raise _DataError(
+            reasons.RAW_SIZE_MISMATCH, f"{where} has {len(raw)} bytes, expected {expected} ({count} x {datatype})"
+        )
     if datatype == "BOOL":
         octets = np.frombuffer(raw, dtype=np.uint8)
         if octets.size and int(octets.max()) > 1:
-            raise ValueError(f"{where}: BOOL elements must be 0 or 1")
+            raise _DataError(reasons.VALUE_OUT_OF_RANGE, f"{where}: BOOL elements must be 0 or 1")
         return octets.view(np.bool_).reshape(shape)
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def _split_bytes(raw: bytes, count: int, where: str) -> Array:
     if len(raw) < 4 * count:
-        raise ValueError(f"{where} has {len(raw)} bytes, too few for {count} BYTES elements")
+        raise _DataError(reasons.RAW_SIZE_MISMATCH, f"{where} has {len(raw)} bytes, too few for {count} BYTES elements")
     items: list[bytes] = []
     offset, end = 0, len(raw)
     for index in range(count):
         if offset + 4 > end:
-            raise ValueError(f"{where} ends after {index} of {count} BYTES elements")
+            raise _DataError(reasons.RAW_SIZE_MISMATCH, f"{where} ends after {index} of {count} BYTES elements")
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += 4
         if length > end - offset:
-            raise ValueError(f"{where}: BYTES element {index} is {length} bytes long, only {end - offset} remain")
+            raise _DataError(
+                reasons.RAW_SIZE_MISMATCH,
+                f"{where}: BYTES element {index} is {length} bytes long, only {end - offset} remain",
+            )
         items.append(raw[offset : offset + length])
         offset += length
     if offset != end:
-        raise ValueError(f"{where} has {end - offset} trailing bytes after {count} BYTES elements")
+        raise _DataError(
+            reasons.RAW_SIZE_MISMATCH, f"{where} has {end - offset} trailing bytes after {count} BYTES elements"
+        )
     return _object_array(items)
 
 
 def _contents_to_array(contents: pb.InferTensorContents, datatype: str, shape: tuple[int, ...], count: int) -> Array:
     field = CONTENTS_FIELDS.get(datatype)
     if field is None:
-        raise ValueError(f"{datatype} has no typed contents; it must be sent as raw contents")
+        raise _DataError(
+            reasons.CONTENTS_FIELD_MISMATCH, f"{datatype} has no typed contents; it must be sent as raw contents"
+        )
     others = [descriptor.name for descriptor, _ in contents.ListFields() if descriptor.name != field]
     if others:
-        raise ValueError(f"a {datatype} tensor takes contents.{field}, not contents.{others[0]}")
+        raise _DataError(
+            reasons.CONTENTS_FIELD_MISMATCH, f"a {datatype} tensor takes contents.{field}, not contents.{others[0]}"
+        )
     values = getattr(contents, field)
     if len(values) != count:
-        raise ValueError(f"contents.{field} has {len(values)} elements, expected {count}")
+        raise _DataError(
+            reasons.CONTENTS_SIZE_MISMATCH, f"contents.{field} has {len(values)} elements, expected {count}"
+        )
     if datatype == "BYTES":
         return _object_array(list(values)).reshape(shape)
     array = np.array(values, dtype=_FIELD_DTYPES[field])
@@ -500,7 +606,10 @@ def _contents_to_array(contents: pb.InferTensorContents, datatype: str, shape: t
     if array.dtype != target:
         limits = np.iinfo(target)
         if array.size and (int(array.min()) < limits.min or int(array.max()) > limits.max):
-            raise ValueError(f"contents.{field} has values outside the {datatype} range [{limits.min}, {limits.max}]")
+            raise _DataError(
+                reasons.VALUE_OUT_OF_RANGE,
+                f"contents.{field} has values outside the {datatype} range [{limits.min}, {limits.max}]",
+            )
         array = array.astype(target)
     return array.reshape(shape)
 
@@ -584,6 +693,7 @@ __all__ = [
     "DATATYPES",
     "ELEMENT_SIZES",
     "RAW_ONLY",
+    "RAW_OUTPUT_PARAMETER",
     "DecodedRequest",
     "ModelOutputError",
     "ParameterValue",
@@ -595,5 +705,6 @@ __all__ = [
     "encode_response",
     "float32_to_bf16_bits",
     "make_infer_request",
+    "raw_outputs",
     "response_arrays",
 ]

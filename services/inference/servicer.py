@@ -1,10 +1,13 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol (KServe V2) endpoints.
 
-Thin: protobuf tensors are decoded and validated by :mod:`codec`, the model is resolved and
-run by :class:`ModelManager`, and the answer is encoded back (raw outputs whenever the request
-used raw inputs, as tritonclient expects). Each inference is timed into the manager's
-statistics (:mod:`stats`); ModelConfig and ModelStatistics (Triton's extensions) are built by
-:mod:`converters`.
+Thin: protobuf tensors are decoded and validated by :mod:`codec`, the request's cost is bounded
+by :mod:`limits` before the model runs, the model is resolved and run by :class:`ModelManager`,
+and the answer is encoded back (raw outputs whenever the request used raw inputs, as tritonclient
+expects, or always with ``INFERENCE_ALWAYS_RAW_OUTPUTS``; a request's ``raw_output`` parameter
+decides for itself). Each inference is timed into the manager's statistics (:mod:`stats`);
+ModelConfig and ModelStatistics (Triton's extensions) are built by :mod:`converters`. Names a
+request carries are bounded (:func:`~services.inference.reasons.check_name`) before they reach
+the manager, whose messages echo them.
 """
 
 from __future__ import annotations
@@ -18,10 +21,27 @@ from inference import grpc_service_pb2_grpc
 from opentelemetry import propagate
 
 from services.common.errors import Internal, InvalidArgument, ServiceError
-from services.inference import codec, converters
+from services.inference import codec, converters, limits, reasons
+from services.inference.limits import RequestPolicy
 from services.inference.manager import ModelManager
+from services.inference.reasons import check_name
+from services.inference.runtimes import input_policy
 
 DEADLINE_MARGIN_SECONDS = 0.005  # answer DEADLINE_EXCEEDED ourselves just before the client gives up
+
+
+def _check_model(name: str, version: str) -> None:
+    """Bound the ``name`` and ``version`` fields of the metadata, config, ready and statistics requests."""
+    check_name("name", name)
+    check_name("version", version)
+
+
+def _model_name_required(name: str) -> None:
+    if not name:
+        raise InvalidArgument(
+            "model_name is required", [("model_name", "must not be empty")], reason=reasons.MODEL_NAME_REQUIRED
+        )
+    check_name("model_name", name)
 
 
 def _traceparent() -> str:
@@ -40,11 +60,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         extensions: Sequence[str],
         default_timeout: float,
         is_ready: Callable[[], bool],
+        policy: RequestPolicy | None = None,
     ):
         self._manager = manager
         self._metadata = pb.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
         self._default_timeout = default_timeout
         self._is_ready = is_ready
+        self._policy = policy or RequestPolicy()
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -64,11 +86,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        _check_model(request.name, request.version)
         return pb.ModelReadyResponse(ready=self._manager.model_ready(request.name, request.version))
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        _check_model(request.name, request.version)
         model, _ = self._manager.resolve(request.name, request.version)
         config = self._manager.config(model)
         return pb.ModelMetadataResponse(
@@ -88,6 +112,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
+        _check_model(request.name, request.version)
         model, _ = self._manager.resolve(request.name, request.version)
         return pb.ModelConfigResponse(config=converters.model_config(self._manager.config(model)))
 
@@ -95,32 +120,59 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         if request.version and not request.name:
-            raise InvalidArgument("a version needs a model name", [("name", "must be set when version is")])
+            raise InvalidArgument(
+                "a version needs a model name",
+                [("name", "must be set when version is")],
+                reason=reasons.MODEL_NAME_REQUIRED,
+            )
+        _check_model(request.name, request.version)
         return converters.model_statistics(self._manager.model_statistics(request.name, request.version))
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        if not request.model_name:
-            raise InvalidArgument("model_name is required", [("model_name", "must not be empty")])
+        _model_name_required(request.model_name)
+        check_name("model_version", request.model_version)
         model, pool = self._manager.resolve(request.model_name, request.model_version)
         config = self._manager.config(model)
+        accepts = input_policy(config)
+        policy = self._policy
         with self._manager.statistics.request(model.name, pool.model_version) as timer:
             with timer.measure("compute_input"):
-                decoded = codec.decode_request(request, config.inputs)
+                decoded = codec.decode_request(
+                    request, config.inputs, policy.max_request_elements, allow_zero_size=accepts.allow_zero_size
+                )
                 codec.check_requested_outputs(decoded.requested_outputs, config.outputs)
                 batch_size = codec.batch_size(decoded.inputs, config.max_batch_size, model.name)
+                raw = codec.raw_outputs(decoded, policy.always_raw_outputs)
+                if not accepts.allow_non_finite:
+                    limits.check_finite(decoded.inputs, model.name)
+                estimate = limits.output_estimate(
+                    config.outputs,
+                    config.inputs,
+                    decoded.inputs,
+                    batch=batch_size if config.max_batch_size > 0 else None,
+                    returned=decoded.requested_outputs,
+                )
+                limits.check_outputs(estimate, policy, model.name)
             timeout = config.timeout_seconds or self._default_timeout
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
-            result = await self._manager.infer(
-                pool,
-                decoded.inputs,
-                decoded.requested_outputs,
-                deadline=time.time() + max(0.0, timeout),
-                traceparent=_traceparent(),
-                timer=timer,
-            )
+            try:
+                result = await self._manager.infer(
+                    pool,
+                    decoded.inputs,
+                    decoded.requested_outputs,
+                    deadline=time.time() + max(0.0, timeout),
+                    traceparent=_traceparent(),
+                    timer=timer,
+                )
+            except InvalidArgument as error:
+                if error.reason != InvalidArgument.reason:
+                    raise
+                # The worker's INVALID_ARGUMENT: the model refused the input (runtimes.InvalidInput).
+                raise InvalidArgument(error.message, error.violations, reason=reasons.MODEL_REJECTED_INPUT) from None
             with timer.measure("compute_output"):
+                limits.check_answer_bytes(result.outputs, policy, model.name)
                 try:
                     response = codec.encode_response(
                         model_name=model.name,
@@ -129,7 +181,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                         outputs=result.outputs,
                         specs=config.outputs,
                         requested=decoded.requested_outputs,
-                        raw=decoded.raw,
+                        raw=raw,
                     )
                 except codec.ModelOutputError as error:
                     raise Internal(f"model {model.name} returned unusable outputs: {error}") from None
@@ -171,15 +223,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        if not request.model_name:
-            raise InvalidArgument("model_name is required", [("model_name", "must not be empty")])
+        _model_name_required(request.model_name)
         await self._manager.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        if not request.model_name:
-            raise InvalidArgument("model_name is required", [("model_name", "must not be empty")])
+        _model_name_required(request.model_name)
         await self._manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

@@ -7,7 +7,12 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import MiB, ServiceSettings
+from services.common.settings import ServiceSettings
+from services.inference.limits import (
+    DEFAULT_MAX_ANSWER_BYTES,
+    DEFAULT_MAX_OUTPUT_ELEMENTS,
+    DEFAULT_MAX_REQUEST_ELEMENTS,
+)
 
 
 class InferenceSettings(ServiceSettings):
@@ -16,7 +21,25 @@ class InferenceSettings(ServiceSettings):
     port: int = Field(default=50053, ge=0, le=65535, description="gRPC port (0 picks a free port).")
     metrics_port: int = Field(default=9103, ge=0, le=65535, description="Prometheus /metrics HTTP port.")
     max_message_bytes: int = Field(
-        default=128 * MiB, ge=1024, le=2**31 - 1, description="Largest gRPC message received or sent."
+        default=DEFAULT_MAX_ANSWER_BYTES, ge=1024, le=2**31 - 1, description="Largest gRPC message received or sent."
+    )
+    max_request_elements: int = Field(
+        default=DEFAULT_MAX_REQUEST_ELEMENTS,
+        ge=1,
+        le=2**40,
+        description="Most elements the inputs of one inference may have together; more: RESOURCE_EXHAUSTED.",
+    )
+    max_output_elements: int = Field(
+        default=DEFAULT_MAX_OUTPUT_ELEMENTS,
+        ge=1,
+        le=2**40,
+        description="Most elements the outputs of one inference may have together, computed from the model's"
+        " declared output shapes before it runs; more: RESOURCE_EXHAUSTED.",
+    )
+    always_raw_outputs: bool = Field(
+        default=False,
+        description="Answer in raw_output_contents even to typed inputs, as Triton does (false: typed inputs get"
+        " typed contents); a request's raw_output parameter decides for that request.",
     )
     model_repository: Path = Field(default=Path("models"), description="Directory of the model repository.")
     timeout_seconds: float = Field(

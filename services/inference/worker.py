@@ -3,7 +3,9 @@
 Started by the supervisor (``python -m services.inference.worker --read-fd R --write-fd W ...``)
 with two inherited pipes. A reader thread answers pings at once, so a long inference does not
 look like a hang; the main thread runs inferences one at a time. Model code runs here only:
-if it crashes or hangs, the supervisor replaces this process and carries on.
+if it crashes or hangs, the supervisor replaces this process and carries on. A model that raises
+``InvalidInput`` answers INVALID_ARGUMENT with its message (cut to 512 characters); any other
+exception is INTERNAL naming only the exception type.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from opentelemetry import propagate, trace
 from services.common.logs import configure_logging, fields
 from services.common.telemetry import create_tracer_provider
 from services.inference import ipc
+from services.inference.reasons import MAX_MODEL_MESSAGE_CHARS, clip
 from services.inference.repository import load_config
-from services.inference.runtimes import create_runtime
+from services.inference.runtimes import InvalidInput, create_runtime
 
 log = logging.getLogger("services.inference.worker")
 
@@ -103,6 +106,11 @@ class Worker:
             started = time.perf_counter_ns()
             try:
                 outputs = runtime.predict(call.inputs)
+            except InvalidInput as error:  # the client's input, not the model, is at fault
+                message = clip(str(error) or "the model refused the input", MAX_MODEL_MESSAGE_CHARS)
+                log.info("worker.invalid_input", extra=fields(worker_id=self._args.worker_id, error=message))
+                self._send(ipc.Failure(call.request_id, "INVALID_ARGUMENT", message))
+                return
             except Exception as error:
                 log.exception("worker.model_error", extra=fields(worker_id=self._args.worker_id))
                 span.record_exception(error)

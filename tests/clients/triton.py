@@ -7,6 +7,10 @@ one JSON result (or the list of results) on stdout:
      "inputs": [{"name": "input", "datatype": "FP32", "data": [[5.1, 3.5, 1.4, 0.2]]}],
      "headers": {"authorization": "Bearer ..."}, "timeout": 5}
 
+An input with ``"typed": true`` goes in the request's typed ``contents`` (as clients written for
+Triton's protocol by hand may send it) instead of tritonclient's raw bytes; ``"parameters"`` of an
+infer command become request parameters (``infer(parameters=...)``).
+
 Actions:
     live, ready, metadata, infer
     config        get_model_config(model, version, as_json=True)
@@ -37,6 +41,14 @@ DTYPES = {
     "FP64": np.float64,
     "BYTES": np.object_,
 }
+CONTENTS_FIELDS = {
+    "BOOL": "bool_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
 STREAM_TIMEOUT_SECONDS = 60
 
 
@@ -47,7 +59,12 @@ def _inputs(specs):
         if spec["datatype"] == "BYTES":
             data = np.array([item.encode() for item in data.flat], dtype=np.object_).reshape(data.shape)
         tensor = grpcclient.InferInput(spec["name"], list(data.shape), spec["datatype"])
-        tensor.set_data_from_numpy(data)
+        if spec.get("typed"):
+            # tritonclient has no API for typed contents: fill its request tensor, leave its raw data unset.
+            field = getattr(tensor._get_tensor().contents, CONTENTS_FIELDS[spec["datatype"]])
+            field.extend(data.reshape(-1).tolist())
+        else:
+            tensor.set_data_from_numpy(data)
         inputs.append(tensor)
     return inputs
 
@@ -139,6 +156,7 @@ def run(client, command):
                 model_version=command.get("version", ""),
                 headers=headers,
                 client_timeout=command.get("timeout"),
+                parameters=command.get("parameters"),
             )
             return {
                 "outputs": _result(result, command["outputs"]),

@@ -11,7 +11,7 @@ import pytest
 from inference import grpc_service_pb2 as pb
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.inference import codec
+from services.inference import codec, reasons
 
 Input = pb.ModelInferRequest.InferInputTensor
 
@@ -59,9 +59,11 @@ def assert_same(actual: np.ndarray, expected: np.ndarray, datatype: str) -> None
         np.testing.assert_array_equal(actual, expected)
 
 
-def rejected(request: pb.ModelInferRequest, specs: list[Spec], **kwargs) -> InvalidArgument:
+def rejected(request: pb.ModelInferRequest, specs: list[Spec], reason: str | None = None, **kwargs) -> InvalidArgument:
     with pytest.raises(InvalidArgument) as caught:
         codec.decode_request(request, specs, **kwargs)
+    if reason is not None:
+        assert caught.value.reason == reason
     return caught.value
 
 
@@ -283,12 +285,12 @@ def test_unknown_input():
     request = codec.make_infer_request(
         "m", {"A": ("FP32", np.zeros((1, 3), dtype=np.float32)), "Z": ("FP32", np.zeros(1, dtype=np.float32))}
     )
-    assert_names(rejected(request, FP32_SPEC), "Z", "inputs[Z]")
+    assert_names(rejected(request, FP32_SPEC, reasons.UNKNOWN_INPUT), "Z", "inputs[Z]")
 
 
 def test_missing_input():
     request = fp32_request()
-    error = rejected(request, [*FP32_SPEC, Spec("B", "INT64", (1,))])
+    error = rejected(request, [*FP32_SPEC, Spec("B", "INT64", (1,))], reasons.MISSING_INPUT)
     assert_names(error, "B", "inputs[B]")
 
 
@@ -296,12 +298,12 @@ def test_duplicate_input():
     request = fp32_request()
     request.inputs.append(request.inputs[0])
     request.raw_input_contents.append(request.raw_input_contents[0])
-    assert_names(rejected(request, FP32_SPEC), "A", "inputs[A]")
+    assert_names(rejected(request, FP32_SPEC, reasons.DUPLICATE_INPUT), "A", "inputs[A]")
 
 
 def test_datatype_differs_from_the_declared_one():
     request = codec.make_infer_request("m", {"A": ("FP64", np.zeros((2, 3)))})
-    error = rejected(request, FP32_SPEC)
+    error = rejected(request, FP32_SPEC, reasons.DATATYPE_MISMATCH)
     assert_names(error, "A", "inputs[A].datatype")
     assert "FP32" in error.message
 
@@ -315,7 +317,7 @@ def test_datatype_differs_from_the_declared_one():
     ],
 )
 def test_shape_not_matching_the_declared_one(shape, declared):
-    error = rejected(fp32_request(shape), [Spec("A", "FP32", declared)])
+    error = rejected(fp32_request(shape), [Spec("A", "FP32", declared)], reasons.SHAPE_MISMATCH)
     assert_names(error, "A", "inputs[A].shape")
 
 
@@ -327,14 +329,14 @@ def test_variable_dimensions_match_any_size_including_zero():
 def test_negative_dimension():
     request = fp32_request((0, 3))
     request.inputs[0].shape[0] = -2
-    assert_names(rejected(request, FP32_SPEC), "A", "inputs[A].shape")
+    assert_names(rejected(request, FP32_SPEC, reasons.NEGATIVE_DIMENSION), "A", "inputs[A].shape")
 
 
 def test_element_count_overflow():
     request = fp32_request((0, 3))
     del request.inputs[0].shape[:]
     request.inputs[0].shape.extend([2**62, 2**62, 3])
-    error = rejected(request, [Spec("A", "FP32", (-1, -1, 3))])
+    error = rejected(request, [Spec("A", "FP32", (-1, -1, 3))], reasons.SHAPE_OVERFLOW)
     assert_names(error, "A", "inputs[A].shape")
     assert "overflow" in error.message
 
@@ -343,7 +345,73 @@ def test_more_elements_than_the_limit_is_resource_exhausted():
     with pytest.raises(ResourceExhausted) as caught:
         codec.decode_request(fp32_request((4, 3)), FP32_SPEC, max_elements=11)
     assert "'A'" in caught.value.message
+    assert caught.value.reason == reasons.TOO_MANY_INPUT_ELEMENTS
     assert codec.decode_request(fp32_request((4, 3)), FP32_SPEC, max_elements=12).inputs["A"].shape == (4, 3)
+
+
+def test_the_element_limit_counts_every_input_before_reading_data():
+    request = codec.make_infer_request(
+        "m", {"A": ("FP32", np.zeros((2, 3), np.float32)), "B": ("FP32", np.zeros((2, 3), np.float32))}
+    )
+    specs = [Spec("A", "FP32", (-1, 3)), Spec("B", "FP32", (-1, 3))]
+    with pytest.raises(ResourceExhausted, match="'B' brings the request to 12 input elements"):
+        codec.decode_request(request, specs, max_elements=11)
+    no_data = pb.ModelInferRequest(model_name="m", inputs=[Input(name="A", datatype="FP32", shape=[2**40, 3])])
+    with pytest.raises(ResourceExhausted):
+        codec.decode_request(no_data, FP32_SPEC, max_elements=2**30)
+
+
+def test_zero_size_dimensions_can_be_refused():
+    assert codec.decode_request(fp32_request((0, 3)), FP32_SPEC).inputs["A"].shape == (0, 3)
+    error = rejected(fp32_request((0, 3)), FP32_SPEC, reasons.ZERO_SIZE_DIMENSION, allow_zero_size=False)
+    assert_names(error, "A", "inputs[A].shape")
+    assert codec.decode_request(fp32_request((1, 3)), FP32_SPEC, allow_zero_size=False).inputs["A"].shape == (1, 3)
+
+
+def test_long_names_are_refused_by_position_and_echoed_strings_are_cut():
+    long_input = codec.make_infer_request("m", {"A" * 300: ("FP32", np.zeros((1, 3), np.float32))})
+    error = rejected(long_input, FP32_SPEC, reasons.NAME_TOO_LONG)
+    assert list(dict(error.violations)) == ["inputs[0].name"]
+    assert "AAAA" not in error.message
+    long_output = fp32_request(outputs=["y", "o" * 300])
+    error = rejected(long_output, FP32_SPEC, reasons.NAME_TOO_LONG)
+    assert list(dict(error.violations)) == ["outputs[1].name"]
+    with pytest.raises(InvalidArgument) as caught:
+        codec.check_requested_outputs(["o" * 300], [Spec("y", "FP32", (1,))])
+    assert caught.value.reason == reasons.NAME_TOO_LONG
+    unknown = codec.make_infer_request("m", {"Z" * 256: ("FP32", np.zeros((1, 3), np.float32))})
+    error = rejected(unknown, FP32_SPEC, reasons.UNKNOWN_INPUT)
+    assert "Z" * 63 + "…" in error.message
+    assert "Z" * 64 not in error.message
+    assert f"inputs[{'Z' * 256}]" in dict(error.violations)  # the field names it exactly
+    odd_datatype = fp32_request()
+    odd_datatype.inputs[0].datatype = "X" * 10_000
+    assert len(rejected(odd_datatype, FP32_SPEC, reasons.DATATYPE_MISMATCH).message) < 200
+
+
+@pytest.mark.parametrize(
+    ("raw_inputs", "always_raw", "parameter", "expected"),
+    [
+        (True, False, None, True),
+        (False, False, None, False),
+        (False, True, None, True),
+        (True, False, False, False),
+        (False, False, True, True),
+        (True, True, False, False),
+    ],
+)
+def test_raw_outputs_follow_the_parameter_else_the_inputs_or_the_server(raw_inputs, always_raw, parameter, expected):
+    parameters = {} if parameter is None else {codec.RAW_OUTPUT_PARAMETER: parameter}
+    decoded = codec.decode_request(fp32_request(raw=raw_inputs, parameters=parameters), FP32_SPEC)
+    assert codec.raw_outputs(decoded, always_raw) is expected
+
+
+@pytest.mark.parametrize("value", [1, "true", 1.0])
+def test_raw_output_parameter_must_be_a_bool(value):
+    decoded = codec.decode_request(fp32_request(parameters={codec.RAW_OUTPUT_PARAMETER: value}), FP32_SPEC)
+    with pytest.raises(InvalidArgument) as caught:
+        codec.raw_outputs(decoded, False)
+    assert caught.value.reason == reasons.INVALID_PARAMETER
 
 
 @pytest.mark.parametrize("delta", [-4, -1, 1, 4])
@@ -365,7 +433,8 @@ def test_more_raw_entries_than_raw_inputs():
     request.inputs.append(
         Input(name="C", datatype="INT32", shape=[1], contents=pb.InferTensorContents(int_contents=[1]))
     )
-    error = rejected(request, [*FP32_SPEC, Spec("B", "INT32", (1,)), Spec("C", "INT32", (1,))])
+    specs = [*FP32_SPEC, Spec("B", "INT32", (1,)), Spec("C", "INT32", (1,))]
+    error = rejected(request, specs, reasons.RAW_COUNT_MISMATCH)
     assert "raw_input_contents" in dict(error.violations)
     assert "2 entries" in error.message
 
@@ -375,7 +444,7 @@ def test_fewer_raw_entries_than_raw_inputs():
         "m", {"A": ("FP32", np.zeros((1, 3), dtype=np.float32)), "B": ("INT32", np.zeros(1, dtype=np.int32))}
     )
     del request.raw_input_contents[1]
-    error = rejected(request, [*FP32_SPEC, Spec("B", "INT32", (1,))])
+    error = rejected(request, [*FP32_SPEC, Spec("B", "INT32", (1,))], reasons.MISSING_DATA)
     assert_names(error, "B", "inputs[B]")
 
 
@@ -384,13 +453,13 @@ def test_input_with_both_typed_contents_and_raw_data():
         "m", {"A": ("FP32", np.zeros((1, 3), dtype=np.float32)), "B": ("INT32", np.zeros(1, dtype=np.int32))}
     )
     request.inputs[1].contents.int_contents.append(0)
-    error = rejected(request, [*FP32_SPEC, Spec("B", "INT32", (1,))])
+    error = rejected(request, [*FP32_SPEC, Spec("B", "INT32", (1,))], reasons.RAW_AND_TYPED_CONTENTS)
     assert_names(error, "B", "inputs[B].contents")
 
 
 def test_input_without_any_data():
     request = pb.ModelInferRequest(model_name="m", inputs=[Input(name="A", datatype="FP32", shape=[1, 3])])
-    assert_names(rejected(request, FP32_SPEC), "A", "inputs[A].contents")
+    assert_names(rejected(request, FP32_SPEC, reasons.MISSING_DATA), "A", "inputs[A].contents")
 
 
 @pytest.mark.parametrize(
@@ -408,7 +477,7 @@ def test_malformed_raw_bytes(raw, problem):
     request = pb.ModelInferRequest(
         model_name="m", inputs=[Input(name="S", datatype="BYTES", shape=[2])], raw_input_contents=[raw]
     )
-    error = rejected(request, [Spec("S", "BYTES", (2,))])
+    error = rejected(request, [Spec("S", "BYTES", (2,))], reasons.RAW_SIZE_MISMATCH)
     assert_names(error, "S", "inputs[S].raw_input_contents")
     assert problem in error.message
 
@@ -417,13 +486,14 @@ def test_raw_bool_must_be_zero_or_one():
     request = pb.ModelInferRequest(
         model_name="m", inputs=[Input(name="F", datatype="BOOL", shape=[2])], raw_input_contents=[b"\x01\x02"]
     )
-    assert_names(rejected(request, [Spec("F", "BOOL", (2,))]), "F", "inputs[F].raw_input_contents")
+    error = rejected(request, [Spec("F", "BOOL", (2,))], reasons.VALUE_OUT_OF_RANGE)
+    assert_names(error, "F", "inputs[F].raw_input_contents")
 
 
 def test_typed_count_must_match_the_shape():
     request = fp32_request((2, 3), raw=False)
     request.inputs[0].contents.fp32_contents.append(1.0)
-    error = rejected(request, FP32_SPEC)
+    error = rejected(request, FP32_SPEC, reasons.CONTENTS_SIZE_MISMATCH)
     assert_names(error, "A", "inputs[A].contents")
     assert "7 elements, expected 6" in error.message
 
@@ -435,7 +505,7 @@ def test_typed_contents_in_the_wrong_field():
             Input(name="A", datatype="FP32", shape=[1, 3], contents=pb.InferTensorContents(int_contents=[1, 2, 3]))
         ],
     )
-    error = rejected(request, FP32_SPEC)
+    error = rejected(request, FP32_SPEC, reasons.CONTENTS_FIELD_MISMATCH)
     assert_names(error, "A", "inputs[A].contents")
     assert "fp32_contents" in error.message
 
@@ -454,7 +524,7 @@ def test_typed_values_out_of_range(datatype, contents):
     request = pb.ModelInferRequest(
         model_name="m", inputs=[Input(name="N", datatype=datatype, shape=[2], contents=contents)]
     )
-    error = rejected(request, [Spec("N", datatype, (2,))])
+    error = rejected(request, [Spec("N", datatype, (2,))], reasons.VALUE_OUT_OF_RANGE)
     assert_names(error, "N", "inputs[N].contents")
     assert "range" in error.message
 
@@ -465,7 +535,7 @@ def test_half_precision_cannot_be_typed(datatype):
         model_name="m",
         inputs=[Input(name="H", datatype=datatype, shape=[1], contents=pb.InferTensorContents(fp32_contents=[1.0]))],
     )
-    error = rejected(request, [Spec("H", datatype, (1,))])
+    error = rejected(request, [Spec("H", datatype, (1,))], reasons.CONTENTS_FIELD_MISMATCH)
     assert_names(error, "H", "inputs[H].contents")
     assert "raw" in error.message
 
@@ -620,6 +690,8 @@ def test_batch_size_is_the_shared_first_dimension_within_the_limit():
     with pytest.raises(InvalidArgument, match=r"must be <= 2 for simple, got 3") as too_big:
         codec.batch_size(rows, max_batch_size=2, model_name="simple")
     assert ("inputs[a].shape", "first dimension must be <= 2") in too_big.value.violations
+    assert too_big.value.reason == reasons.BATCH_TOO_LARGE
     with pytest.raises(InvalidArgument, match="same batch size") as mixed:
         codec.batch_size({"a": np.zeros((3, 16)), "b": np.zeros((2, 16))}, max_batch_size=8)
     assert {field for field, _ in mixed.value.violations} == {"inputs[a].shape", "inputs[b].shape"}
+    assert mixed.value.reason == reasons.BATCH_SIZE_MISMATCH

@@ -23,7 +23,15 @@ from sklearn.preprocessing import FunctionTransformer
 
 from services.inference import make_models
 from services.inference.repository import ModelConfig, load_config, parse_config
-from services.inference.runtimes import RUNTIMES, ModelError, Runtime, create_runtime
+from services.inference.runtimes import (
+    RUNTIMES,
+    InputPolicy,
+    InvalidInput,
+    ModelError,
+    Runtime,
+    create_runtime,
+    input_policy,
+)
 from services.inference.runtimes.sklearn import ALLOWED_TYPES
 from tests.conftest import REPO
 
@@ -181,6 +189,38 @@ def test_onnx_serves_a_subset_of_the_outputs(demo, tmp_path):
     features, _ = make_models.DIGITS.data()
     outputs = loaded(demo["digits"].path, config=config).predict({"input": features[:5]})
     assert list(outputs) == ["label"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", ["iris", "digits"], ids=["sklearn", "onnx"])
+def test_sklearn_and_onnx_refuse_non_finite_input_as_invalid(demo, name, bad):
+    features, _ = make_models.IRIS.data() if name == "iris" else make_models.DIGITS.data()
+    runtime = loaded(demo[name].path)
+    spoiled = features[:3].copy()
+    spoiled[1, 2] = bad
+    with pytest.raises(InvalidInput, match="'input' holds NaN or infinity"):
+        runtime.predict({"input": spoiled})
+    assert runtime.predict({"input": features[:3]})["label"].shape == (3,)  # and it serves on
+
+
+def test_allow_non_finite_lets_nan_reach_the_model(demo, tmp_path):
+    config = with_config(demo["digits"].path, tmp_path / "digits", parameters={"allow_non_finite": True})
+    features, _ = make_models.DIGITS.data()
+    spoiled = features[:2].copy()
+    spoiled[0, 0] = np.nan
+    assert loaded(demo["digits"].path, config=config).predict({"input": spoiled})["label"].shape == (2,)
+
+
+def test_the_input_policy_parameters_are_the_servers(demo, tmp_path):
+    iris = demo["iris"].path
+    assert input_policy(load_config(iris)) == InputPolicy(allow_zero_size=False, allow_non_finite=False)
+    assert input_policy(load_config(TEST_MODELS / "echo")) == InputPolicy(allow_zero_size=False, allow_non_finite=True)
+    relaxed = with_config(iris, tmp_path / "iris", parameters={"allow_zero_size": True, "allow_non_finite": True})
+    assert input_policy(relaxed) == InputPolicy(allow_zero_size=True, allow_non_finite=True)
+    assert isinstance(loaded(iris, config=relaxed), Runtime)  # the runtime does not count them as its own
+    wrong = with_config(iris, tmp_path / "iris", parameters={"allow_zero_size": "yes"})
+    with pytest.raises(ModelError, match=r"parameters\.allow_zero_size: must be true or false, not 'yes'"):
+        loaded(iris, config=wrong)
 
 
 def test_onnx_refuses_a_corrupt_model(demo, tmp_path):
@@ -347,6 +387,20 @@ def test_python_model_load_failures_are_model_errors(tmp_path, source, parameter
     version_dir, config = stateful_model(tmp_path, source, **parameters)
     with pytest.raises(ModelError, match=problem):
         create_runtime("python").load(version_dir, config)
+
+
+def test_python_model_raising_invalid_input_passes_it_on(tmp_path):
+    source = (
+        "from services.inference.runtimes import InvalidInput\n"
+        "class Doubler:\n"
+        "    def predict(self, inputs):\n"
+        "        raise InvalidInput('x must be positive')\n"
+    )
+    version_dir, config = stateful_model(tmp_path, source, allow_zero_size=True)
+    runtime = create_runtime("python")
+    runtime.load(version_dir, config)
+    with pytest.raises(InvalidInput, match=r"^x must be positive$"):
+        runtime.predict({"x": np.array([-1.0])})
 
 
 @pytest.mark.parametrize(

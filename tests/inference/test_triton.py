@@ -1,9 +1,13 @@
 """Triton's side of the protocol, driven by the official tritonclient: the python demo models (INT32,
-BYTES, FP32), the ModelConfig and ModelStatistics extensions, ModelStreamInfer, and 64 MiB tensors."""
+BYTES, FP32), the ModelConfig and ModelStatistics extensions, ModelStreamInfer, 64 MiB tensors, and
+raw or typed answers (tritonclient reads raw ones only; grpcurl users read typed numbers)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import subprocess
 import time
 
 import grpc
@@ -144,3 +148,89 @@ async def test_64_mib_tensors_through_identity_and_sum(start_inference):
     stats = await statistics(inference, "identity_fp32")
     assert stats.execution_count == 1
     assert stats.inference_stats.compute_input.ns > 0
+
+
+# --- raw or typed answers -------------------------------------------------------------------------------
+
+
+async def test_tritonclient_sending_typed_contents_reads_raw_answers_it_asks_for(start_inference):
+    """Clients written for Triton read raw_output_contents whatever they sent; ``raw_output`` asks for them."""
+    inference = await start_inference(PYTHON_DEMOS)
+    cases = demo_cases(inference.address)
+    commands = [
+        {
+            **command,
+            "inputs": [{**spec, "typed": True} for spec in command["inputs"]],
+            "parameters": {codec.RAW_OUTPUT_PARAMETER: True},
+        }
+        for command, _ in cases
+    ]
+    answers = await asyncio.to_thread(triton, commands)
+    for (_, expected), answer in zip(cases, answers, strict=True):
+        check_answer(answer, expected)
+
+
+def grpcurl_infer(grpcurl: str, address: str, request: dict) -> dict:
+    done = subprocess.run(
+        [grpcurl, "-plaintext", "-d", json.dumps(request), address, "inference.GRPCInferenceService/ModelInfer"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
+async def test_grpcurl_reads_numbers_and_can_ask_for_either_form(start_inference, grpcurl):
+    inference = await start_inference(["iris"])
+    features = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+    typed = {
+        "model_name": "iris",
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [2, 4],
+                "contents": {"fp32_contents": np.ravel(features).tolist()},
+            }
+        ],
+        "outputs": [{"name": "label"}],
+    }
+    raw = {
+        "model_name": "iris",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4]}],
+        "raw_input_contents": [base64.b64encode(np.array(features, np.float32).tobytes()).decode()],
+        "outputs": [{"name": "label"}],
+    }
+
+    def asked(request: dict, raw_output: bool) -> dict:
+        return {**request, "parameters": {codec.RAW_OUTPUT_PARAMETER: {"bool_param": raw_output}}}
+
+    address = inference.address
+    answers = await asyncio.gather(
+        *(
+            asyncio.to_thread(grpcurl_infer, grpcurl, address, request)
+            for request in (typed, asked(raw, False), asked(typed, True), raw)
+        )
+    )
+    for answer in answers[:2]:  # typed contents: numbers in the JSON
+        [label] = answer["outputs"]
+        assert [int(value) for value in label["contents"]["int64_contents"]] == [0, 2]
+        assert "raw_output_contents" not in answer
+    for answer in answers[2:]:  # raw: one base64 entry per output
+        [label] = answer["outputs"]
+        assert "contents" not in label
+        [entry] = answer["raw_output_contents"]
+        assert np.frombuffer(base64.b64decode(entry), "<i8").tolist() == [0, 2]
+
+
+async def test_raw_output_must_be_a_bool(start_inference):
+    inference = await start_inference(["sum"])
+    request = codec.make_infer_request(
+        "sum",
+        {"INPUT0": ("FP32", np.ones((1, 2), np.float32))},
+        parameters={codec.RAW_OUTPUT_PARAMETER: "yes"},
+    )
+    error = await rpc_error(inference.stub.ModelInfer(request, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw_output" in error.details()

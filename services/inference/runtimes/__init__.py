@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import importlib
 
-from services.inference.runtimes.base import ModelError, Runtime
+from services.inference.runtimes.base import (
+    POLICY_PARAMETERS,
+    InputPolicy,
+    InvalidInput,
+    ModelError,
+    Runtime,
+    input_policy,
+    non_finite_input,
+)
 
 #: Runtime name (the config's ``runtime``) -> "module:class".
 RUNTIMES = {
@@ -28,4 +36,14 @@ def create_runtime(name: str) -> Runtime:
     return runtime
 
 
-__all__ = ["RUNTIMES", "ModelError", "Runtime", "create_runtime"]
+__all__ = [
+    "POLICY_PARAMETERS",
+    "RUNTIMES",
+    "InputPolicy",
+    "InvalidInput",
+    "ModelError",
+    "Runtime",
+    "create_runtime",
+    "input_policy",
+    "non_finite_input",
+]

@@ -11,12 +11,21 @@ model version::
 ``predict`` receives inputs already checked against ``config.inputs`` (every declared input,
 declared dtype and shape; BYTES = numpy object arrays of ``bytes``) and returns every declared
 output with its declared dtype. It raises :class:`ModelError` when the model fails, which the
-caller turns into INTERNAL for that request only.
+caller turns into INTERNAL for that request only, and :class:`InvalidInput` when the input is
+the problem (INVALID_ARGUMENT, reason ``MODEL_REJECTED_INPUT`` or ``NON_FINITE_INPUT``).
+
+Two ``parameters`` of every model config are the server's, not the runtime's (:func:`input_policy`)::
+
+    parameters:
+      allow_zero_size: true     # accept tensors with a 0 dimension (default: refused, ZERO_SIZE_DIMENSION)
+      allow_non_finite: false   # refuse NaN/inf in float inputs (default: false for sklearn and onnx,
+                                # true for python models)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -27,6 +36,65 @@ from services.inference.repository import ModelConfig, TensorSpec
 
 class ModelError(Exception):
     """The model (its artifact or its code) failed to load or to predict."""
+
+
+class InvalidInput(ModelError):
+    """The input is what is wrong, not the model: the client gets INVALID_ARGUMENT with this message.
+
+    A :class:`ModelError` (the prediction failed), which the worker answers as the client's fault.
+
+    Model code raises it from ``predict`` (``from services.inference.runtimes import InvalidInput``);
+    the message reaches the client (cut to 512 characters), so it must not carry secrets.
+    """
+
+
+POLICY_PARAMETERS = frozenset({"allow_zero_size", "allow_non_finite"})
+"""The ``parameters`` every runtime leaves to the server (:func:`input_policy`)."""
+_FINITE_BY_DEFAULT = frozenset({"sklearn", "onnx"})
+
+
+@dataclass(frozen=True, slots=True)
+class InputPolicy:
+    """What a model accepts beyond its declared inputs' datatypes and shapes."""
+
+    allow_zero_size: bool = False
+    """Tensors with a 0 dimension may reach the model."""
+    allow_non_finite: bool = True
+    """NaN and infinity in floating-point inputs may reach the model."""
+
+
+def input_policy(config: ModelConfig) -> InputPolicy:
+    """The :class:`InputPolicy` of ``config``; ModelError for a policy parameter that is not a bool."""
+    values: dict[str, bool] = {"allow_non_finite": config.runtime not in _FINITE_BY_DEFAULT}
+    for name in sorted(POLICY_PARAMETERS):
+        if name in config.parameters:
+            value = config.parameters[name]
+            if not isinstance(value, bool):
+                raise ModelError(f"parameters.{name}: must be true or false, not {value!r}")
+            values[name] = value
+    return InputPolicy(**values)
+
+
+def runtime_parameters(config: ModelConfig) -> dict[str, object]:
+    """``config.parameters`` without the server's :data:`POLICY_PARAMETERS` (the runtime's own)."""
+    return {key: value for key, value in config.parameters.items() if key not in POLICY_PARAMETERS}
+
+
+def non_finite_input(inputs: Mapping[str, np.ndarray]) -> str | None:
+    """The name of the first floating-point input holding NaN or infinity, or None."""
+    for name, array in inputs.items():
+        if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+            return name
+    return None
+
+
+def check_finite(config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> None:
+    """Raise InvalidInput if ``config`` refuses non-finite values and an input holds some."""
+    if input_policy(config).allow_non_finite:
+        return
+    name = non_finite_input(inputs)
+    if name is not None:
+        raise InvalidInput(f"input {name!r} holds NaN or infinity, which model {config.name} does not take")
 
 
 @runtime_checkable

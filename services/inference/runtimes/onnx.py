@@ -4,7 +4,9 @@ One CPU session per worker with one intra-op and one inter-op thread: the pool s
 processes, and threads inside each would oversubscribe the CPUs. At load, every declared input
 and output must exist in the graph with the matching element type and rank, and every graph
 input must be declared. Classifiers exported by skl2onnx need ``zipmap: False`` so that
-probabilities are a tensor, not a list of maps. ``parameters`` takes no fields.
+probabilities are a tensor, not a list of maps. ``parameters`` takes no fields of its own (only
+the server's ``allow_zero_size`` and ``allow_non_finite``, see :mod:`.base`); NaN and infinity in
+float inputs are refused (INVALID_ARGUMENT) unless ``allow_non_finite: true``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import onnxruntime  # type: ignore[import-untyped]
 
 from services.inference.repository import ModelConfig, TensorSpec
-from services.inference.runtimes.base import ModelError, cast_outputs
+from services.inference.runtimes.base import ModelError, cast_outputs, check_finite, input_policy, runtime_parameters
 
 ARTIFACT = "model.onnx"
 
@@ -69,8 +71,10 @@ class OnnxRuntime:
         self._config: ModelConfig | None = None
 
     def load(self, version_dir: Path, config: ModelConfig) -> None:
-        if config.parameters:
-            raise ModelError(f"parameters: unknown fields {sorted(config.parameters)} (onnx takes none)")
+        input_policy(config)
+        parameters = runtime_parameters(config)
+        if parameters:
+            raise ModelError(f"parameters: unknown fields {sorted(parameters)} (onnx takes none)")
         path = version_dir / ARTIFACT
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
@@ -95,6 +99,7 @@ class OnnxRuntime:
         missing = sorted({spec.name for spec in config.inputs} - set(inputs))
         if missing:
             raise ModelError(f"inputs {missing} are missing")
+        check_finite(config, inputs)
         names = [spec.name for spec in config.outputs]
         try:
             feed = {spec.name: _feed(spec, inputs[spec.name]) for spec in config.inputs}

@@ -13,8 +13,16 @@ arguments and provides::
 ``inputs`` holds every declared input (BYTES: object arrays of ``bytes``). ``predict`` returns
 every declared output and nothing else; values are converted to the declared datatypes (str
 becomes UTF-8 bytes for BYTES). An exception raised by the model code becomes
-:class:`~services.inference.runtimes.base.ModelError`. The code runs in the worker process
-with that process's rights: only serve model files you trust.
+:class:`~services.inference.runtimes.base.ModelError` (INTERNAL), except
+:class:`~services.inference.runtimes.base.InvalidInput`, which the model raises for input it
+cannot take and which passes through (INVALID_ARGUMENT with its message)::
+
+    from services.inference.runtimes import InvalidInput
+
+    if not np.isfinite(x).all():
+        raise InvalidInput("INPUT0 must be finite")
+
+The code runs in the worker process with that process's rights: only serve model files you trust.
 """
 
 from __future__ import annotations
@@ -31,7 +39,14 @@ import numpy as np
 
 from services.common.logs import fields
 from services.inference.repository import ModelConfig
-from services.inference.runtimes.base import ModelError, cast_outputs
+from services.inference.runtimes.base import (
+    InvalidInput,
+    ModelError,
+    cast_outputs,
+    check_finite,
+    input_policy,
+    runtime_parameters,
+)
 
 DEFAULT_MODULE = "model.py"
 DEFAULT_CLASS = "Model"
@@ -64,11 +79,13 @@ class PythonRuntime:
     def load(self, version_dir: Path, config: ModelConfig) -> None:
         if self._model is not None:
             self.unload()
-        unknown = sorted(set(config.parameters) - _PARAMETERS)
+        input_policy(config)
+        parameters = runtime_parameters(config)
+        unknown = sorted(set(parameters) - _PARAMETERS)
         if unknown:
             raise ModelError(f"parameters: unknown fields {unknown} (python takes module and class)")
-        module_file = config.parameters.get("module", DEFAULT_MODULE)
-        class_name = config.parameters.get("class", DEFAULT_CLASS)
+        module_file = parameters.get("module", DEFAULT_MODULE)
+        class_name = parameters.get("class", DEFAULT_CLASS)
         if not isinstance(module_file, str) or not module_file.endswith(".py"):
             raise ModelError(f"parameters.module: must be the name of a .py file, not {module_file!r}")
         if not isinstance(class_name, str) or not class_name.isidentifier():
@@ -107,8 +124,11 @@ class PythonRuntime:
         config = self._config
         if config is None:
             raise ModelError("the model is not loaded")
+        check_finite(config, inputs)
         try:
             outputs = self._model.predict(inputs)
+        except InvalidInput:
+            raise
         except Exception as error:
             raise ModelError(f"model {config.name}: {type(error).__name__}: {error}") from error
         return cast_outputs(config, outputs)

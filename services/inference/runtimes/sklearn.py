@@ -14,6 +14,10 @@ computed by an estimator method: ``parameters.outputs.<name>.method`` or, by def
     parameters:
       outputs:
         scores: {method: decision_function}
+
+NaN and infinity in the input are refused (INVALID_ARGUMENT) before the estimator sees them,
+unless ``parameters.allow_non_finite: true`` (for estimators that handle missing values, such as
+``HistGradientBoostingClassifier``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import skops.io  # type: ignore[import-untyped]
 
 from services.inference.repository import ModelConfig
-from services.inference.runtimes.base import ModelError, cast_outputs
+from services.inference.runtimes.base import ModelError, cast_outputs, check_finite, input_policy, runtime_parameters
 
 ARTIFACT = "model.skops"
 
@@ -72,7 +76,7 @@ def load_trusted(path: Path) -> Any:
 
 def output_methods(config: ModelConfig) -> dict[str, str]:
     """The estimator method of each declared output, from ``parameters`` or the defaults."""
-    parameters = dict(config.parameters)
+    parameters = runtime_parameters(config)
     outputs = parameters.pop("outputs", {})
     if parameters:
         raise ModelError(f"parameters: unknown fields {sorted(parameters)} (sklearn takes only outputs)")
@@ -108,6 +112,7 @@ class SklearnRuntime:
             raise ModelError(
                 f"model {config.name}: the sklearn runtime takes exactly one input, not {len(config.inputs)}"
             )
+        input_policy(config)
         methods = output_methods(config)
         estimator = load_trusted(version_dir / ARTIFACT)
         missing = sorted({method for method in methods.values() if not hasattr(estimator, method)})
@@ -120,6 +125,7 @@ class SklearnRuntime:
             raise ModelError("the model is not loaded")
         if self._input not in inputs:
             raise ModelError(f"input {self._input} is missing")
+        check_finite(self._config, inputs)
         features = inputs[self._input]
         results: dict[str, Any] = {}
         for method in sorted(set(self._methods.values())):  # each method once, even for several outputs
