@@ -10,7 +10,9 @@ import time
 
 import grpc
 import pytest
+from auth.v1 import auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
 
 from tests.processes import ServiceProcess, start_service
 
@@ -92,6 +94,48 @@ def test_signal_flips_health_then_exits_zero_within_grace(sig, tmp_path):
     events = [line["event"] for line in service.lines]
     assert events.index("server.stopping") < events.index("server.stopped")
     assert elapsed < 3 + 2, elapsed  # the grace bounds the wait for the open stream
+
+
+def answers_its_own_rpc(name: str, channel: grpc.Channel) -> bool:
+    """A call to the service's own API, answered by its handler (not refused by the server)."""
+    if name == "inference":
+        return bool(
+            grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            .ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=5)
+            .live
+        )
+    try:
+        auth_pb2_grpc.AuthServiceStub(channel).ValidateToken(auth_pb2.ValidateTokenRequest(access_token="x"), timeout=5)
+    except grpc.RpcError as error:
+        return error.code() == grpc.StatusCode.UNAUTHENTICATED  # the handler looked at the token
+    return False
+
+
+@pytest.mark.parametrize("name", ["auth", "inference"])
+def test_sigterm_reports_not_serving_and_serves_on_for_the_delay(name, tmp_path):
+    service = start_service(name, tmp_path, shutdown_delay_seconds="5", grace_seconds="2")
+    try:
+        with grpc.insecure_channel(service.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            service.process.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            for health_name in ("", "liveness", "readiness"):
+                answer = health.Check(health_pb2.HealthCheckRequest(service=health_name), timeout=5)
+                assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING, health_name
+            assert answers_its_own_rpc(name, channel)
+            assert service.process.poll() is None
+            assert "server.closing" not in [line.get("event") for line in service.lines]
+            service.process.send_signal(signal.SIGTERM)  # again, as Docker or an impatient operator would
+            service.wait_for_event("server.signal_ignored", timeout=5)
+            assert answers_its_own_rpc(name, channel)  # still serving: the second signal did not kill it
+    finally:
+        service.stop(timeout=5 + 2 + 15)
+    assert service.process.returncode == 0
+    events = [line.get("event") for line in service.lines]
+    assert events.index("server.stopping") < events.index("server.draining") < events.index("server.closing")
 
 
 @pytest.mark.parametrize(

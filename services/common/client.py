@@ -17,14 +17,28 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.common.errors import DeadlineExceeded
 from services.common.metrics import ClientMetricsInterceptor
 
+HEALTH_CHECK_SERVICE = ""  # the health name a channel watches on each address: SERVING until shutdown starts
+
 
 def service_config(idempotent_methods: Iterable[tuple[str, str]] = ()) -> str:
-    """gRPC service config: round-robin over resolved addresses, retries for idempotent methods.
+    """gRPC service config: health-checked round robin over resolved addresses, retries for idempotent methods.
+
+    Client-side health checking: the channel keeps a ``grpc.health.v1.Health/Watch`` open on each
+    address for the name ``""``, and round robin chooses only addresses that answer SERVING. A
+    server that begins shutting down reports NOT_SERVING and serves on for its shutdown delay, so
+    calls move to the other addresses before it refuses any. (``""``, not ``readiness``: a replica
+    whose models are loading still answers the calls that need no model, and operators can still
+    reach one whose models failed.) An address whose server has no health service counts as healthy.
 
     ``idempotent_methods`` holds (full service name, method) pairs; an empty method name covers
-    every method of the service. Only UNAVAILABLE is retried: the call never reached a handler.
+    every method of the service. Only UNAVAILABLE is retried, up to 3 attempts in all. Other methods
+    get gRPC's transparent retry only (a call the server refused before it began reading it, e.g.
+    after its GOAWAY), never a second run.
     """
-    config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    config: dict[str, object] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": HEALTH_CHECK_SERVICE},
+    }
     names = [
         {"service": service, "method": method} if method else {"service": service}
         for service, method in idempotent_methods

@@ -5,7 +5,13 @@ standard health service, reflection, message limits and the interceptor chain (t
 request log -> metrics -> errors), a Prometheus ``/metrics`` endpoint, the channels the
 service opens to others, and a fixed shutdown order::
 
-    signal -> health NOT_SERVING -> server.stop(grace) -> close channels and pools -> flush telemetry
+    signal -> health NOT_SERVING on every name -> serve on for the shutdown delay -> server.stop(grace)
+    (no new RPCs, accepted ones finish) -> close channels and pools -> flush telemetry
+
+The delay (``*_SHUTDOWN_DELAY_SECONDS``) lets whoever watches health move away before RPCs are
+refused: Kubernetes endpoints, and other services' channels, which check health on the client
+side (:func:`services.common.client.service_config`). Logged as ``server.stopping``,
+``server.draining`` (the delay), ``server.closing`` (the grace) and ``server.stopped``.
 
 Health names: ``""`` and ``liveness`` mean "the process is alive and not shutting down";
 ``readiness`` and each of the service's own full names mean "able to do its job now"
@@ -45,6 +51,7 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 Closer = Callable[[], Awaitable[None]]
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class GrpcServer:
@@ -88,6 +95,7 @@ class GrpcServer:
         self._background: list[asyncio.Task[None]] = []
         self.initially_ready = True
         self._stopped = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None
         self.port = 0
         self.metrics_port = 0
 
@@ -199,9 +207,16 @@ class GrpcServer:
 
     async def stop(self) -> None:
         """Shut down in order: health NOT_SERVING, serve on for the shutdown delay, stop(grace) (no new RPCs,
-        accepted ones finish), closers, metrics, telemetry."""
-        if self._stopped.is_set():
-            return
+        accepted ones finish), closers, metrics, telemetry.
+
+        Runs once: a second call waits for the first, and a caller that is cancelled does not cut the
+        shutdown short (it goes on to the end).
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         token = bind_service(self.service)
         try:
             grace = self.settings.grace_seconds
@@ -216,6 +231,7 @@ class GrpcServer:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
             if self._started:
+                log.info("server.closing", extra=fields(grace_seconds=grace))  # no new RPCs; accepted ones finish
                 await self._server.stop(grace)
             for closer in reversed(self._closers):
                 try:
@@ -234,15 +250,27 @@ class GrpcServer:
 
 
 async def serve_until_signal(server: GrpcServer) -> None:
-    """Start ``server``, run until SIGTERM or SIGINT, then shut it down in order."""
+    """Start ``server``, run until SIGTERM or SIGINT, then shut it down in order.
+
+    The handlers stay until the shutdown is over: a second signal (Docker and people send more than
+    one) is logged and changes nothing, where the default action would kill the process mid-drain.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.info("server.signal_ignored", extra=fields(signal=sig.name, reason="already stopping"))
+        stop.set()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await server.start()
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await server.stop()
+        try:
+            await server.stop()
+        finally:
+            for sig in _STOP_SIGNALS:
+                loop.remove_signal_handler(sig)

@@ -23,7 +23,7 @@ from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.peer import peer_ip
 from services.gateway.access import Access, TokenValidator
 
-_CONNECTION_FAILURES = ("failed to connect", "connection refused", "socket closed", "connection reset", "no route")
+_DETAILS_KEY = "grpc-status-details-bin"  # every error our services answer carries google.rpc details
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +36,22 @@ class Upstream:
 
 
 def upstream_error(upstream: str, error: grpc.aio.AioRpcError) -> Exception:
-    """A clear status for a failed upstream call; the upstream's own answers pass unchanged."""
+    """A clear status for a failed upstream call; the upstream's own answers pass unchanged.
+
+    UNAVAILABLE that the upstream did not answer itself (no rich details: no healthy address, a
+    refused or broken connection) and CANCELLED (the gateway's own caller going away cancels the
+    gateway's handler instead, so this one came from the upstream: a server that stopped with the
+    call unfinished) both become UNAVAILABLE with RetryInfo. A caller never sees CANCELLED for a
+    call it did not cancel.
+    """
     details = error.details() or ""
-    if error.code() is grpc.StatusCode.UNAVAILABLE and any(text in details.lower() for text in _CONNECTION_FAILURES):
-        return Unavailable(f"the {upstream} service is unreachable; retry shortly", retry_after_seconds=1)
-    if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and details in ("Deadline Exceeded", ""):
+    code = error.code()
+    answered = any(key == _DETAILS_KEY for key, _ in error.trailing_metadata() or ())
+    if code is grpc.StatusCode.CANCELLED or (code is grpc.StatusCode.UNAVAILABLE and not answered):
+        return Unavailable(
+            f"the {upstream} service is unreachable or shutting down; retry shortly", retry_after_seconds=1
+        )
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED and details in ("Deadline Exceeded", ""):
         return DeadlineExceeded(f"the {upstream} service did not answer before the deadline")
     passed_on: Exception = error
     return passed_on

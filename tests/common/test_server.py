@@ -200,3 +200,17 @@ async def test_on_stop_health_says_not_serving_while_rpcs_are_still_served(name,
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_stop_runs_once_to_the_end_even_if_its_caller_is_cancelled(start_service, channel_to, logs):
+    server = await start_service("auth", shutdown_delay_seconds=1.0)
+    health = health_pb2_grpc.HealthStub(channel_to(server))
+    first = asyncio.ensure_future(server.stop())
+    await eventually(lambda: logs.events("server.draining"))
+    first.cancel()  # e.g. a test's or a supervisor's timeout: the shutdown goes on regardless
+    await server.stop()  # waits for the same shutdown
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(logs.events("server.stopping")) == 1
+    assert len(logs.events("server.stopped")) == 1

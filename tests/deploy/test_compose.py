@@ -104,8 +104,15 @@ def test_environment_names_real_settings_that_load(compose, service, monkeypatch
 
 @pytest.mark.parametrize("service", SERVICE_NAMES)
 def test_stop_grace_period_covers_the_drain(compose, service):
-    grace = float(environment(compose, service)[f"{PREFIXES[service]}GRACE_SECONDS"])
-    assert seconds(compose["services"][service]["stop_grace_period"]) > grace
+    """SIGKILL never cuts the shutdown short: delay (NOT_SERVING, still serving) + grace (+ the workers' stop)."""
+    env, prefix = environment(compose, service), PREFIXES[service]
+    defaults = settings_class(service).model_fields
+    grace = float(env[f"{prefix}GRACE_SECONDS"])
+    delay = float(env.get(f"{prefix}SHUTDOWN_DELAY_SECONDS", defaults["shutdown_delay_seconds"].default))
+    needed = delay + grace
+    if service == "inference":
+        needed += float(env.get("INFERENCE_WORKER_STOP_GRACE_SECONDS", defaults["worker_stop_grace_seconds"].default))
+    assert seconds(compose["services"][service]["stop_grace_period"]) > needed
 
 
 @pytest.mark.parametrize("service", SERVICE_NAMES)

@@ -151,12 +151,18 @@ def test_grace_period_covers_prestop_and_the_servers_drain(overlay, service):
     grace = float(settings[f"{prefix}GRACE_SECONDS"])
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop > 0
-    delay = float(settings.get(f"{prefix}SHUTDOWN_DELAY_SECONDS", 0.0))
+    defaults = settings_class(service).model_fields
+    delay = float(settings.get(f"{prefix}SHUTDOWN_DELAY_SECONDS", defaults["shutdown_delay_seconds"].default))
     assert delay > 0, f"{prefix}SHUTDOWN_DELAY_SECONDS: report NOT_SERVING a while before refusing RPCs"
     needed = pre_stop + delay + grace
     if service == "inference":  # then the workers get SIGTERM and this long before SIGKILL
-        needed += float(settings.get("INFERENCE_WORKER_STOP_GRACE_SECONDS", 2.0))
-    assert spec["terminationGracePeriodSeconds"] > needed
+        needed += float(
+            settings.get("INFERENCE_WORKER_STOP_GRACE_SECONDS", defaults["worker_stop_grace_seconds"].default)
+        )
+    assert spec["terminationGracePeriodSeconds"] > needed, (
+        f"terminationGracePeriodSeconds {spec['terminationGracePeriodSeconds']} <= preStop {pre_stop}"
+        f" + delay {delay} + grace {grace}{' + worker stop grace' if service == 'inference' else ''}"
+    )
 
 
 @pytest.mark.parametrize("service", SERVICE_NAMES)

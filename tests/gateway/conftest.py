@@ -84,7 +84,11 @@ async def start_platform(tmp_path: Path, demo_models: Path) -> AsyncIterator[Cal
     channels: list[grpc.aio.Channel] = []
 
     async def start(
-        *, models: tuple[str, ...] = ("iris", "sleepy"), auth: dict[str, Any] | None = None, **gateway: Any
+        *,
+        models: tuple[str, ...] = ("iris", "sleepy"),
+        auth: dict[str, Any] | None = None,
+        inference: dict[str, Any] | None = None,
+        **gateway: Any,
     ) -> Platform:
         auth_server = await build_auth(
             auth_settings(tmp_path / "auth", trusted_proxies=["127.0.0.1/32"], **(auth or {}))
@@ -92,7 +96,7 @@ async def start_platform(tmp_path: Path, demo_models: Path) -> AsyncIterator[Cal
         await auth_server.start()
         servers.append(auth_server)
         repository = make_repository(tmp_path, demo_models, list(models))
-        inference_server = await build_inference(fast_settings(repository))
+        inference_server = await build_inference(fast_settings(repository, **(inference or {})))
         await inference_server.start()
         servers.append(inference_server)
         values: dict[str, Any] = {
