@@ -25,6 +25,13 @@ $(VENV)/.installed: $(VENV)/.deps gen/.generated pyproject.toml
 	touch $@
 
 CLIENTS_VENV := .venv-clients
+MLSERVER_VENV := .venv-mlserver
+
+# MLServer, the baseline the benchmarks compare inference with: its own virtualenv, never beside the services.
+$(MLSERVER_VENV)/.installed: bench/mlserver-requirements.lock
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/mlserver-requirements.lock
+	touch $@
 
 $(CLIENTS_VENV)/.installed: tests/clients/requirements.lock
 	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
@@ -85,8 +92,8 @@ lint: setup ## ruff (with security rules) and mypy on our code
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: setup ## Run the benchmarks (ratios against a baseline measured in the same run)
+bench: setup $(MLSERVER_VENV)/.installed ## Run the benchmarks (ratios against a baseline measured in the same run)
 	$(PY) -m bench
 
 clean: ## Remove the venv and caches
-	rm -rf $(VENV) $(CLIENTS_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENTS_VENV) $(MLSERVER_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -10,12 +10,14 @@ from bench import (
     ipc_throughput,
     large_tensors,
     model_lifecycle,
+    vs_mlserver,
 )
 
 if __name__ == "__main__":
     asyncio.run(chassis_overhead.main())
     asyncio.run(auth_login.main())
     asyncio.run(ipc_throughput.main())
+    asyncio.run(vs_mlserver.main())
     asyncio.run(inference_iris.main())
     asyncio.run(gateway_hop.main())
     asyncio.run(large_tensors.main())

@@ -40,3 +40,42 @@ def machine_busy() -> float:
     """CPU seconds the whole machine has spent busy (all cores, everything but idle and iowait)."""
     ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live descendant of it (from the parent ids in /proc), root first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        parent = int(text.rsplit(")", 1)[1].split()[1])  # the field after the state
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    return tree
+
+
+def tree_cpu(root: int) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of ``root`` itself and of all its descendants, live or reaped.
+
+    A live process counts its own time; a child that has exited and been waited for is in its parent's
+    cutime/cstime, so a worker replaced between two readings is not lost.
+    """
+    own = descendants = 0.0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds = [int(value) / CLOCK_TICKS for value in fields[11:15]]  # utime, stime, cutime, cstime
+        if pid == root:
+            own += seconds[0] + seconds[1]
+            descendants += seconds[2] + seconds[3]
+        else:
+            descendants += sum(seconds)
+    return own, descendants
