@@ -11,6 +11,7 @@ from inference.v1 import worker_pool_pb2, worker_pool_pb2_grpc
 
 from services.common.server import GrpcServer
 from services.inference.admin import WorkerPoolServicer
+from services.inference.limits import RequestPolicy
 from services.inference.manager import ModelManager
 from services.inference.metrics import InferenceMetrics
 from services.inference.pool import PoolSettings
@@ -80,6 +81,7 @@ async def build_server(settings: InferenceSettings) -> GrpcServer:
             extensions=EXTENSIONS,
             default_timeout=settings.timeout_seconds,
             is_ready=lambda: manager.ready,
+            policy=RequestPolicy.from_settings(settings),
         ),
     )
     server.add_service(

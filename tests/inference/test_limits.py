@@ -101,3 +101,19 @@ def test_reasons_are_distinct_upper_case_names():
     for reason in reasons.ALL:
         assert reason == getattr(reasons, reason)
         assert reason.isupper()
+
+
+async def test_the_element_limit_setting_reaches_the_server(start_inference):
+    """INFERENCE_MAX_REQUEST_ELEMENTS is the server's limit, not only the built-in default."""
+    import grpc
+    import numpy as np
+
+    from services.inference import codec
+    from tests.rpc import rpc_error
+
+    inference = await start_inference(["echo"], max_request_elements=8)
+    small = codec.make_infer_request("echo", {"INPUT0": ("FP32", np.ones((2, 4), dtype=np.float32))})
+    assert (await inference.stub.ModelInfer(small, timeout=10)).outputs
+    large = codec.make_infer_request("echo", {"INPUT0": ("FP32", np.ones((3, 4), dtype=np.float32))})
+    error = await rpc_error(inference.stub.ModelInfer(large, timeout=10))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
