@@ -542,20 +542,9 @@ class AuthCore:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _audit(
-        self,
-        event_type: str,
-        outcome: str,
-        caller: Caller,
-        *,
-        user_id: str = "",
-        username: str = "",
-        reason: str = "",
-        details: dict[str, str] | None = None,
-    ) -> None:
-        event = self._event(
-            event_type, outcome, caller, user_id=user_id, username=username, reason=reason, details=details
-        )
+    async def _audit(self, event_type: str, outcome: str, caller: Caller, **about: Any) -> None:
+        """Append one audit event on its own (``about``: the keyword fields of :meth:`_event`)."""
+        event = self._event(event_type, outcome, caller, **about)
         self._log_audit(await self._store.append_audit(event), event)
 
     def _event(

@@ -634,7 +634,9 @@ class WorkerPool:
         timer = timer or RequestTimer()
         self._last_busy = time.monotonic()
         self._idle_event.clear()
-        if len(self._queue) >= self._settings.queue_limit and self._idle() is None:
+        if len(self._queue) >= self._settings.queue_limit and not any(
+            slot.state is WorkerState.READY and slot.in_flight == 0 for slot in self._slots
+        ):  # (not _idle(): a check must not move the round robin on)
             raise ResourceExhausted(
                 f"model {self.model_name} has {len(self._queue)} requests waiting; retry shortly",
                 retry_after_seconds=0.5,
