@@ -52,9 +52,12 @@ class ChassisTestServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def ChangePassword(self, request, context):
         """Calls the upstream with the chassis' deadline; reports the timeout it used."""
+        remaining = context.time_remaining() or 0.0
         timeout = outgoing_timeout(context, default=5.0, margin=0.05)
         await self._upstream.ServerLive(infer_pb.ServerLiveRequest(), timeout=timeout)
-        await context.send_initial_metadata((("x-upstream-timeout", f"{timeout:.3f}"),))
+        await context.send_initial_metadata(
+            (("x-upstream-timeout", f"{timeout:.6f}"), ("x-time-remaining", f"{remaining:.6f}"))
+        )
         return auth_pb2.ChangePasswordResponse()
 
     async def RequestPasswordReset(self, request, context):
@@ -207,10 +210,13 @@ async def test_outgoing_call_propagates_trace_deadline_and_counts_client_metrics
     server, stub, _ = chassis
     call = stub.ChangePassword(auth_pb2.ChangePasswordRequest(), timeout=3.0, metadata=(("traceparent", TRACEPARENT),))
     await call
-    timeout = float(dict(await call.initial_metadata())["x-upstream-timeout"])
-    # The caller's 3 s minus the 50 ms margin, less whatever already passed (not bounded here: no timing
-    # assertion), and not the 5 s default.
-    assert 0 < timeout <= 2.95
+    metadata = dict(await call.initial_metadata())
+    timeout, remaining = float(metadata["x-upstream-timeout"]), float(metadata["x-time-remaining"])
+    # What the server had left of the caller's 3 s, minus the 50 ms margin, and not the 5 s default. The
+    # server's remaining time is not compared with 3 s: gRPC rounds the grpc-timeout header up when it encodes
+    # it, so the server can see slightly more than the client asked for.
+    assert 0 < timeout <= remaining - 0.05
+    assert remaining < 4.0
 
     upstream_lines = [
         line
