@@ -9,7 +9,10 @@ and knows nothing of gRPC. Every security decision lives here:
 - legacy hashes migrate silently to argon2id on a successful login;
 - refresh tokens rotate on every use; a rotated token used again revokes its whole session;
 - reset tokens are single-use, expire, and only their digests are stored;
-- each event is appended to the audit log and logged as a JSON line.
+- each event is appended to the audit log and logged as a JSON line; an event that records a
+  change (a password set, sessions revoked, a failure counted, a lock lifted) commits in the
+  change's own transaction: the store method making the change takes the event, or an
+  :data:`~services.auth.store.AuditOf` that builds it from what the transaction found.
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ from services.auth.notifier import Notifier
 from services.auth.passwords import HashPool, PasswordHasher, PasswordPolicy, normalize
 from services.auth.ratelimit import LoginLimiter
 from services.auth.store import (
+    Audited,
     AuditEvent,
+    AuditOf,
     AuditQuery,
     LockoutPolicy,
+    LockState,
     RefreshToken,
     ResetToken,
+    Rotation,
     RotationOutcome,
     Session,
     Store,
@@ -229,7 +236,7 @@ class AuthCore:
         now = self._clock()
         lock = await self._store.get_lock(name)
         if lock.locked(now):
-            await self._login_refused(caller, name, "locked", lock.locked_until)
+            await self._login_refused(caller, name, lock.locked_until)
 
         user = await self._store.get_user_by_username(name)
         if user is None:
@@ -240,44 +247,46 @@ class AuthCore:
 
         now = self._clock()
         if not ok or user is None:
-            lock = await self._store.record_login_failure(name, now, self._config.lockout)
+            user_id = user.id if user else ""
+            failed = self._event("LOGIN_FAILED", "failure", caller, user_id=user_id, username=name)
+            locked = self._event("ACCOUNT_LOCKED", "success", caller, user_id=user_id, username=name)
+
+            def failure_events(lock: LockState) -> list[AuditEvent]:
+                events = [replace(failed, reason=_failure_reason(user, lock, now))]
+                if lock.just_locked:
+                    seconds = f"{(lock.locked_until or now) - now:.0f}"
+                    events.insert(0, replace(locked, details={"locked_seconds": seconds}))
+                return events
+
+            written = await self._store.record_login_failure(name, now, self._config.lockout, failure_events)
+            self._log_audited(written)
+            lock = written.value
             if lock.just_locked:
                 self._metrics.lockouts.inc()
-                await self._audit(
-                    "ACCOUNT_LOCKED",
-                    "success",
-                    caller,
-                    user_id=user.id if user else "",
-                    username=name,
-                    details={"locked_seconds": f"{(lock.locked_until or now) - now:.0f}"},
-                )
-            reason = "unknown_user" if user is None else "bad_password"
-            if lock.locked(now) and not lock.just_locked:
-                reason = "locked"
-            await self._login_refused(caller, name, reason, None, user_id=user.id if user else "")
+            self._refuse_login(_failure_reason(user, lock, now), lock.locked_until)
 
         # Parallel wrong attempts may have locked the account while this one was verifying.
         lock = await self._store.get_lock(name)
         if lock.locked(now):
-            await self._login_refused(caller, name, "locked", lock.locked_until, user_id=user.id)
-        await self._store.clear_login_failures(name)
+            await self._login_refused(caller, name, lock.locked_until, user_id=user.id)
         if new_hash is not None:
             await self._migrate_hash(caller, user, new_hash)
 
-        pair = await self._start_session(user, now)
+        pair = await self._start_session(caller, user, now)
         self._metrics.login_attempts.labels("success").inc()
-        await self._audit("LOGIN_SUCCEEDED", "success", caller, user_id=user.id, username=name)
         return pair
 
     async def _login_refused(
-        self, caller: Caller, username: str, reason: str, locked_until: float | None, *, user_id: str = ""
+        self, caller: Caller, username: str, locked_until: float | None, *, user_id: str = ""
     ) -> NoReturn:
+        """Refuse a login to a locked account (the lock is not this attempt's doing: nothing is counted)."""
+        await self._audit("LOGIN_FAILED", "failure", caller, user_id=user_id, username=username, reason="locked")
+        self._refuse_login("locked", locked_until)
+
+    def _refuse_login(self, reason: str, locked_until: float | None) -> NoReturn:
         self._metrics.login_attempts.labels("locked" if reason == "locked" else "failure").inc()
-        await self._audit("LOGIN_FAILED", "failure", caller, user_id=user_id, username=username, reason=reason)
         retry = None
         if reason == "locked":
-            if locked_until is None:
-                locked_until = (await self._store.get_lock(username)).locked_until
             retry = max(0.0, (locked_until or self._clock()) - self._clock())
         # One answer for unknown user, wrong password and lockout (plus RetryInfo when locked).
         raise Unauthenticated(BAD_CREDENTIALS, reason="INVALID_CREDENTIALS", retry_after_seconds=retry)
@@ -285,19 +294,21 @@ class AuthCore:
     async def _migrate_hash(self, caller: Caller, user: User, new_hash: str) -> None:
         old_scheme = user.hash_scheme
         scheme = self._hasher.scheme(new_hash)
-        if await self._store.set_password_hash(user.id, new_hash, scheme, expected=user.password_hash):
-            if old_scheme != scheme:
-                await self._audit(
-                    "LEGACY_HASH_MIGRATED",
-                    "success",
-                    caller,
-                    user_id=user.id,
-                    username=user.username,
-                    details={"from": old_scheme, "to": scheme},
-                )
+        migrated = None
+        if old_scheme != scheme:
+            details = {"from": old_scheme, "to": scheme}
+            migrated = self._event(
+                "LEGACY_HASH_MIGRATED", "success", caller, user_id=user.id, username=user.username, details=details
+            )
+        written = await self._store.set_password_hash(
+            user.id, new_hash, scheme, expected=user.password_hash, audit=migrated
+        )
+        self._log_audited(written)
+        if written.value:
             await self.refresh_hash_gauge()
 
-    async def _start_session(self, user: User, now: float) -> TokenPair:
+    async def _start_session(self, caller: Caller, user: User, now: float) -> TokenPair:
+        """A new session; the account's failed logins are forgotten and LOGIN_SUCCEEDED is audited with it."""
         session = Session(
             id=str(uuid.uuid4()),
             user_id=user.id,
@@ -305,9 +316,14 @@ class AuthCore:
             expires_at=now + self._config.refresh_ttl_seconds,
         )
         refresh = new_opaque_token()
-        await self._store.create_session(
-            session, RefreshToken(token_digest(refresh), session.id, now, session.expires_at)
+        succeeded = self._event("LOGIN_SUCCEEDED", "success", caller, user_id=user.id, username=user.username)
+        written = await self._store.create_session(
+            session,
+            RefreshToken(token_digest(refresh), session.id, now, session.expires_at),
+            clear_failures_of=user.username,
+            audit=succeeded,
         )
+        self._log_audited(written)
         return self._pair(user, session, refresh, now)
 
     def _pair(self, user: User, session: Session, refresh: str, now: float) -> TokenPair:
@@ -328,20 +344,24 @@ class AuthCore:
             raise InvalidArgument("the refresh request is invalid", violations)
         now = self._clock()
         new_refresh = new_opaque_token()
-        rotation = await self._store.rotate_refresh_token(
-            token_digest(refresh_token), RefreshToken(token_digest(new_refresh), "", now, 0.0), now
+        reused = self._event("REFRESH_REUSE_DETECTED", "failure", caller)
+        refreshed = self._event("TOKEN_REFRESHED", "success", caller)
+
+        def rotation_events(rotation: Rotation) -> list[AuditEvent]:
+            session, user = rotation.session, rotation.user
+            if rotation.outcome is RotationOutcome.REUSED and session is not None:
+                return [replace(reused, user_id=session.user_id, details={"session_id": session.id})]
+            if rotation.outcome is RotationOutcome.ROTATED and user is not None:
+                return [replace(refreshed, user_id=user.id, username=user.username)]
+            return []
+
+        written = await self._store.rotate_refresh_token(
+            token_digest(refresh_token), RefreshToken(token_digest(new_refresh), "", now, 0.0), now, rotation_events
         )
-        session = rotation.session
-        if rotation.outcome is RotationOutcome.REUSED and session is not None:
-            await self._audit(
-                "REFRESH_REUSE_DETECTED", "failure", caller, user_id=session.user_id, details={"session_id": session.id}
-            )
-        if rotation.outcome is not RotationOutcome.ROTATED or session is None:
+        self._log_audited(written)
+        session, user = written.value.session, written.value.user
+        if written.value.outcome is not RotationOutcome.ROTATED or session is None or user is None:
             raise Unauthenticated("the refresh token is invalid, expired or revoked", reason="INVALID_REFRESH_TOKEN")
-        user = await self._store.get_user_by_id(session.user_id)
-        if user is None:
-            raise Unauthenticated("the refresh token is invalid, expired or revoked", reason="INVALID_REFRESH_TOKEN")
-        await self._audit("TOKEN_REFRESHED", "success", caller, user_id=user.id, username=user.username)
         return self._pair(user, session, new_refresh, now)
 
     async def authenticate(self, access_token: str) -> AccessClaims:
@@ -371,8 +391,7 @@ class AuthCore:
 
     async def logout(self, caller: Caller) -> None:
         claims = await self.authenticate(caller.bearer)
-        await self._store.revoke_session(claims.session_id, "logout", self._clock())
-        await self._audit(
+        logged_out = self._event(
             "LOGGED_OUT",
             "success",
             caller,
@@ -380,6 +399,8 @@ class AuthCore:
             username=claims.username,
             details={"session_id": claims.session_id},
         )
+        # A parallel logout of the same session may have ended it first: then this one changes and audits nothing.
+        self._log_audited(await self._store.revoke_session(claims.session_id, "logout", self._clock(), logged_out))
 
     # -- passwords ------------------------------------------------------------------------
 
@@ -411,18 +432,17 @@ class AuthCore:
                 "the current password is not correct", [("current_password", "does not match the account's password")]
             )
         new_hash = await self._hash(self._hasher.hash, secret)
-        now = self._clock()
-        await self._store.set_password_hash(user.id, new_hash, self._hasher.scheme(new_hash))
-        revoked = await self._store.revoke_user_sessions(user.id, "password_changed", now, keep=claims.session_id)
-        await self.refresh_hash_gauge()
-        await self._audit(
-            "PASSWORD_CHANGED",
-            "success",
-            caller,
-            user_id=user.id,
-            username=user.username,
-            details={"sessions_revoked": str(revoked)},
+        changed = self._event("PASSWORD_CHANGED", "success", caller, user_id=user.id, username=user.username)
+        written = await self._store.change_password(
+            user.id,
+            new_hash,
+            self._hasher.scheme(new_hash),
+            self._clock(),
+            keep_session=claims.session_id,
+            audit=_counting_revoked(changed),
         )
+        self._log_audited(written)
+        await self.refresh_hash_gauge()
 
     async def request_password_reset(self, caller: Caller, email: str) -> None:
         """Always succeeds for a well-formed address; a mail goes out only if it is registered."""
@@ -477,23 +497,16 @@ class AuthCore:
             )
         secret = self._policy.check(new_password, username=user.username, field="new_password")
         new_hash = await self._hash(self._hasher.hash, secret)
-        now = self._clock()
-        user_id = await self._store.complete_reset(digest, new_hash, self._hasher.scheme(new_hash), now)
-        if user_id is None:  # a parallel reset used the token first
+        completed = self._event("PASSWORD_RESET_COMPLETED", "success", caller, user_id=user.id, username=user.username)
+        written = await self._store.complete_reset(
+            digest, new_hash, self._hasher.scheme(new_hash), self._clock(), _counting_revoked(completed)
+        )
+        if written.value is None:  # a parallel reset used the token first
             raise InvalidArgument(
                 "the reset token is invalid, used or expired", [("token", "is invalid, used or expired")]
             )
-        revoked = await self._store.revoke_user_sessions(user_id, "password_reset", now)
-        await self._store.clear_login_failures(user.username)
+        self._log_audited(written)
         await self.refresh_hash_gauge()
-        await self._audit(
-            "PASSWORD_RESET_COMPLETED",
-            "success",
-            caller,
-            user_id=user.id,
-            username=user.username,
-            details={"sessions_revoked": str(revoked)},
-        )
 
     # -- administration -------------------------------------------------------------------
 
@@ -505,8 +518,8 @@ class AuthCore:
             raise InvalidArgument("the unlock request is invalid", violations)
         if await self._store.get_user_by_username(name) is None and not (await self._store.get_lock(name)).failed_count:
             raise NotFound("no such account", reason="ACCOUNT_NOT_FOUND")
-        await self._store.clear_login_failures(name)
-        await self._audit("ACCOUNT_UNLOCKED", "success", caller, username=name, details={"by": admin.username})
+        unlocked = self._event("ACCOUNT_UNLOCKED", "success", caller, username=name, details={"by": admin.username})
+        self._log_audited(await self._store.clear_login_failures(name, unlocked))
 
     async def list_audit_events(self, caller: Caller, query: AuditQuery) -> list[AuditEvent]:
         await self.require_admin(caller)
@@ -527,7 +540,7 @@ class AuthCore:
             if new_hash is None:
                 continue
             scheme = self._hasher.scheme(new_hash)
-            if await self._store.set_password_hash(user.id, new_hash, scheme, expected=user.password_hash):
+            if (await self._store.set_password_hash(user.id, new_hash, scheme, expected=user.password_hash)).value:
                 wrapped += 1
         await self.refresh_hash_gauge()
         return wrapped
@@ -543,7 +556,8 @@ class AuthCore:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _audit(self, event_type: str, outcome: str, caller: Caller, **about: Any) -> None:
-        """Append one audit event on its own (``about``: the keyword fields of :meth:`_event`)."""
+        """Append one audit event on its own, for a refusal that changes nothing (``about``: the keyword
+        fields of :meth:`_event`). An event that records a change goes to the store with the change."""
         event = self._event(event_type, outcome, caller, **about)
         self._log_audit(await self._store.append_audit(event), event)
 
@@ -571,6 +585,10 @@ class AuthCore:
             details=details or {},
         )
 
+    def _log_audited(self, written: Audited[Any]) -> None:
+        for event in written.events:
+            self._log_audit(event.id, event)
+
     @staticmethod
     def _log_audit(event_id: int, event: AuditEvent) -> None:
         log.info(
@@ -586,3 +604,15 @@ class AuthCore:
                 details=event.details,
             ),
         )
+
+
+def _failure_reason(user: User | None, lock: LockState, now: float) -> str:
+    """The audit reason of a failed login, given the lock state its failure left."""
+    if lock.locked(now) and not lock.just_locked:
+        return "locked"  # a parallel attempt locked the account first
+    return "unknown_user" if user is None else "bad_password"
+
+
+def _counting_revoked(event: AuditEvent) -> AuditOf[int]:
+    """``event`` with the number of sessions the change revoked in its details."""
+    return lambda revoked: [replace(event, details={**event.details, "sessions_revoked": str(revoked)})]

@@ -2,7 +2,8 @@
 
 One connection, used from one dedicated thread: every method runs there in its own
 transaction, so read-modify-write sequences (the lockout counter, refresh rotation, reset-token
-use) are atomic without further locking, and the event loop never blocks on disk. WAL mode
+use) are atomic without further locking, and the event loop never blocks on disk. The audit
+events of a change are inserted in the change's transaction (:func:`_append`). WAL mode
 lets readers (backups, the operator's sqlite3 shell) work beside it. The schema is versioned:
 :data:`MIGRATIONS` are applied in order at open, each once. Parameterised queries only.
 """
@@ -12,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from services.auth.store import (
+    Audited,
     AuditEvent,
+    AuditOf,
     AuditQuery,
     LockoutPolicy,
     LockState,
@@ -248,9 +252,15 @@ class SqliteStore:
         return await self._run(select)
 
     async def set_password_hash(
-        self, user_id: str, password_hash: str, scheme: str, *, expected: str | None = None
-    ) -> bool:
-        def update(db: sqlite3.Connection) -> bool:
+        self,
+        user_id: str,
+        password_hash: str,
+        scheme: str,
+        *,
+        expected: str | None = None,
+        audit: AuditEvent | None = None,
+    ) -> Audited[bool]:
+        def update(db: sqlite3.Connection) -> Audited[bool]:
             if expected is None:
                 cursor = db.execute(
                     "UPDATE users SET password_hash = ?, hash_scheme = ? WHERE id = ?", (password_hash, scheme, user_id)
@@ -260,9 +270,30 @@ class SqliteStore:
                     "UPDATE users SET password_hash = ?, hash_scheme = ? WHERE id = ? AND password_hash = ?",
                     (password_hash, scheme, user_id, expected),
                 )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return Audited(False)
+            return Audited(True, _append(db, [audit]))
 
         return await self._run(update)
+
+    async def change_password(
+        self,
+        user_id: str,
+        password_hash: str,
+        scheme: str,
+        now: float,
+        *,
+        keep_session: str,
+        audit: AuditOf[int] | None = None,
+    ) -> Audited[int]:
+        def change(db: sqlite3.Connection) -> Audited[int]:
+            db.execute(
+                "UPDATE users SET password_hash = ?, hash_scheme = ? WHERE id = ?", (password_hash, scheme, user_id)
+            )
+            revoked = _revoke_user_sessions(db, user_id, "password_changed", now, keep=keep_session)
+            return Audited(revoked, _append(db, audit(revoked) if audit else []))
+
+        return await self._run(change)
 
     async def count_hash_schemes(self) -> dict[str, int]:
         def count(db: sqlite3.Connection) -> dict[str, int]:
@@ -279,92 +310,64 @@ class SqliteStore:
             lambda db: _lock(db.execute("SELECT * FROM login_failures WHERE username = ?", (username,)).fetchone())
         )
 
-    async def record_login_failure(self, username: str, now: float, policy: LockoutPolicy) -> LockState:
-        def record(db: sqlite3.Connection) -> LockState:
-            row = db.execute("SELECT * FROM login_failures WHERE username = ?", (username,)).fetchone()
-            state = _lock(row)
-            if state.locked(now):
-                return state  # already locked: a parallel attempt got there first; do not count past it
-            failed = state.failed_count + 1
-            if state.locked_until is not None:  # an expired lockout: count afresh
-                failed = 1
-            locked_until: float | None = None
-            lockouts = state.lockouts
-            if failed >= policy.threshold:
-                locked_until = now + policy.duration(state.lockouts)
-                lockouts += 1
-            db.execute(
-                "INSERT INTO login_failures (username, failed_count, locked_until, lockouts) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT(username) DO UPDATE SET failed_count = excluded.failed_count,"
-                " locked_until = excluded.locked_until, lockouts = excluded.lockouts",
-                (username, failed, locked_until, lockouts),
-            )
-            return LockState(failed, locked_until, lockouts, just_locked=locked_until is not None)
+    async def record_login_failure(
+        self, username: str, now: float, policy: LockoutPolicy, audit: AuditOf[LockState] | None = None
+    ) -> Audited[LockState]:
+        def record(db: sqlite3.Connection) -> Audited[LockState]:
+            state = _count_failure(db, username, now, policy)
+            return Audited(state, _append(db, audit(state) if audit else []))
 
         return await self._run(record)
 
-    async def clear_login_failures(self, username: str) -> None:
-        await self._run(lambda db: db.execute("DELETE FROM login_failures WHERE username = ?", (username,)))
+    async def clear_login_failures(self, username: str, audit: AuditEvent | None = None) -> Audited[None]:
+        def clear(db: sqlite3.Connection) -> Audited[None]:
+            db.execute("DELETE FROM login_failures WHERE username = ?", (username,))
+            return Audited(None, _append(db, [audit]))
+
+        return await self._run(clear)
 
     # -- sessions -------------------------------------------------------------------------
 
-    async def create_session(self, session: Session, refresh: RefreshToken) -> None:
-        def insert(db: sqlite3.Connection) -> None:
+    async def create_session(
+        self, session: Session, refresh: RefreshToken, *, clear_failures_of: str = "", audit: AuditEvent | None = None
+    ) -> Audited[None]:
+        def insert(db: sqlite3.Connection) -> Audited[None]:
             db.execute(
                 "INSERT INTO sessions (id, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
                 (session.id, session.user_id, session.created_at, session.expires_at),
             )
             _insert_refresh(db, refresh)
+            if clear_failures_of:
+                db.execute("DELETE FROM login_failures WHERE username = ?", (clear_failures_of,))
+            return Audited(None, _append(db, [audit]))
 
-        await self._run(insert)
+        return await self._run(insert)
 
     async def get_session(self, session_id: str) -> Session | None:
         return await self._run(
             lambda db: _session(db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone())
         )
 
-    async def revoke_session(self, session_id: str, reason: str, now: float) -> bool:
-        def revoke(db: sqlite3.Connection) -> bool:
+    async def revoke_session(
+        self, session_id: str, reason: str, now: float, audit: AuditEvent | None = None
+    ) -> Audited[bool]:
+        def revoke(db: sqlite3.Connection) -> Audited[bool]:
             cursor = db.execute(
                 "UPDATE sessions SET revoked_at = ?, revoked_reason = ? WHERE id = ? AND revoked_at IS NULL",
                 (now, reason, session_id),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return Audited(False)
+            return Audited(True, _append(db, [audit]))
 
         return await self._run(revoke)
 
-    async def revoke_user_sessions(self, user_id: str, reason: str, now: float, *, keep: str = "") -> int:
-        def revoke(db: sqlite3.Connection) -> int:
-            cursor = db.execute(
-                "UPDATE sessions SET revoked_at = ?, revoked_reason = ?"
-                " WHERE user_id = ? AND revoked_at IS NULL AND id != ?",
-                (now, reason, user_id, keep),
-            )
-            return int(cursor.rowcount)
-
-        return await self._run(revoke)
-
-    async def rotate_refresh_token(self, digest: str, new: RefreshToken, now: float) -> Rotation:
-        def rotate(db: sqlite3.Connection) -> Rotation:
-            row = db.execute("SELECT * FROM refresh_tokens WHERE digest = ?", (digest,)).fetchone()
-            if row is None:
-                return Rotation(RotationOutcome.UNKNOWN)
-            session = _session(db.execute("SELECT * FROM sessions WHERE id = ?", (row["session_id"],)).fetchone())
-            if session is None:  # foreign keys make this impossible
-                raise RuntimeError("refresh token without a session")
-            if row["rotated_at"] is not None:
-                # A rotated token came back: it was stolen or replayed. End the whole family.
-                if session.revoked_at is None:
-                    db.execute(
-                        "UPDATE sessions SET revoked_at = ?, revoked_reason = 'refresh_reuse' WHERE id = ?",
-                        (now, session.id),
-                    )
-                return Rotation(RotationOutcome.REUSED, session)
-            if row["expires_at"] <= now or not session.active(now):
-                return Rotation(RotationOutcome.INACTIVE, session)
-            db.execute("UPDATE refresh_tokens SET rotated_at = ? WHERE digest = ?", (now, digest))
-            _insert_refresh(db, RefreshToken(new.digest, session.id, new.created_at, new.expires_at))
-            return Rotation(RotationOutcome.ROTATED, session)
+    async def rotate_refresh_token(
+        self, digest: str, new: RefreshToken, now: float, audit: AuditOf[Rotation] | None = None
+    ) -> Audited[Rotation]:
+        def rotate(db: sqlite3.Connection) -> Audited[Rotation]:
+            rotation = _rotate(db, digest, new, now)
+            return Audited(rotation, _append(db, audit(rotation) if audit else []))
 
         return await self._run(rotate)
 
@@ -398,20 +401,26 @@ class SqliteStore:
 
         return await self._run(select)
 
-    async def complete_reset(self, digest: str, password_hash: str, scheme: str, now: float) -> str | None:
-        def complete(db: sqlite3.Connection) -> str | None:
+    async def complete_reset(
+        self, digest: str, password_hash: str, scheme: str, now: float, audit: AuditOf[int] | None = None
+    ) -> Audited[str | None]:
+        def complete(db: sqlite3.Connection) -> Audited[str | None]:
             row = db.execute(
                 "UPDATE reset_tokens SET used_at = ? WHERE digest = ? AND used_at IS NULL"
                 " AND invalidated_at IS NULL AND expires_at > ? RETURNING user_id",
                 (now, digest, now),
             ).fetchone()
             if row is None:
-                return None
+                return Audited(None)
             user_id = str(row["user_id"])
             db.execute(
                 "UPDATE users SET password_hash = ?, hash_scheme = ? WHERE id = ?", (password_hash, scheme, user_id)
             )
-            return user_id
+            revoked = _revoke_user_sessions(db, user_id, "password_reset", now)
+            db.execute(
+                "DELETE FROM login_failures WHERE username = (SELECT username FROM users WHERE id = ?)", (user_id,)
+            )
+            return Audited(user_id, _append(db, audit(revoked) if audit else []))
 
         return await self._run(complete)
 
@@ -461,6 +470,63 @@ class SqliteStore:
         return await self._run(select)
 
 
+def _count_failure(db: sqlite3.Connection, username: str, now: float, policy: LockoutPolicy) -> LockState:
+    """Count one failed login of ``username``, locking it at the threshold; the new state."""
+    state = _lock(db.execute("SELECT * FROM login_failures WHERE username = ?", (username,)).fetchone())
+    if state.locked(now):
+        return state  # already locked: a parallel attempt got there first; do not count past it
+    failed = state.failed_count + 1
+    if state.locked_until is not None:  # an expired lockout: count afresh
+        failed = 1
+    locked_until: float | None = None
+    lockouts = state.lockouts
+    if failed >= policy.threshold:
+        locked_until = now + policy.duration(state.lockouts)
+        lockouts += 1
+    db.execute(
+        "INSERT INTO login_failures (username, failed_count, locked_until, lockouts) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT(username) DO UPDATE SET failed_count = excluded.failed_count,"
+        " locked_until = excluded.locked_until, lockouts = excluded.lockouts",
+        (username, failed, locked_until, lockouts),
+    )
+    return LockState(failed, locked_until, lockouts, just_locked=locked_until is not None)
+
+
+def _rotate(db: sqlite3.Connection, digest: str, new: RefreshToken, now: float) -> Rotation:
+    """Rotate the refresh token ``digest`` into ``new``, or end its session if it was rotated before."""
+    row = db.execute("SELECT * FROM refresh_tokens WHERE digest = ?", (digest,)).fetchone()
+    if row is None:
+        return Rotation(RotationOutcome.UNKNOWN)
+    session = _session(db.execute("SELECT * FROM sessions WHERE id = ?", (row["session_id"],)).fetchone())
+    if session is None:  # foreign keys make this impossible
+        raise RuntimeError("refresh token without a session")
+    if row["rotated_at"] is not None:
+        # A rotated token came back: it was stolen or replayed. End the whole family.
+        if session.revoked_at is None:
+            db.execute(
+                "UPDATE sessions SET revoked_at = ?, revoked_reason = 'refresh_reuse' WHERE id = ?",
+                (now, session.id),
+            )
+        return Rotation(RotationOutcome.REUSED, session)
+    if row["expires_at"] <= now or not session.active(now):
+        return Rotation(RotationOutcome.INACTIVE, session)
+    user = _user(db.execute("SELECT * FROM users WHERE id = ?", (session.user_id,)).fetchone())
+    if user is None:  # foreign keys make this impossible
+        raise RuntimeError("session without a user")
+    db.execute("UPDATE refresh_tokens SET rotated_at = ? WHERE digest = ?", (now, digest))
+    _insert_refresh(db, RefreshToken(new.digest, session.id, new.created_at, new.expires_at))
+    return Rotation(RotationOutcome.ROTATED, session, user)
+
+
+def _revoke_user_sessions(db: sqlite3.Connection, user_id: str, reason: str, now: float, *, keep: str = "") -> int:
+    """End every active session of ``user_id`` but ``keep``; how many."""
+    cursor = db.execute(
+        "UPDATE sessions SET revoked_at = ?, revoked_reason = ? WHERE user_id = ? AND revoked_at IS NULL AND id != ?",
+        (now, reason, user_id, keep),
+    )
+    return int(cursor.rowcount)
+
+
 def _insert_refresh(db: sqlite3.Connection, token: RefreshToken) -> None:
     db.execute(
         "INSERT INTO refresh_tokens (digest, session_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
@@ -482,6 +548,11 @@ def _statements(script: str) -> list[str]:
     if buffer.strip():
         statements.append(buffer.strip())
     return statements
+
+
+def _append(db: sqlite3.Connection, events: Sequence[AuditEvent | None]) -> tuple[AuditEvent, ...]:
+    """Append ``events`` (None: nothing) in the caller's transaction; each with the id it got."""
+    return tuple(replace(event, id=_insert_audit(db, event)) for event in events if event is not None)
 
 
 def _insert_audit(db: sqlite3.Connection, event: AuditEvent) -> int:

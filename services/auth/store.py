@@ -4,13 +4,25 @@ The core talks to :class:`Store` only; :mod:`services.auth.sqlite_store` impleme
 SQLite (the embedded default) and a PostgreSQL backend can implement it later. Every method
 that changes more than one row is atomic: the lockout counter, refresh-token rotation and
 reset-token use must hold under concurrent requests.
+
+A change and the audit event that records it commit together: each method that changes state takes
+its ``audit`` event(s) and appends them in the same transaction, so a crash or a refused audit insert
+leaves neither. When the event depends on what the transaction found (how many sessions a password
+change revoked, whether a failure locked the account, which session a reused refresh token belonged
+to), ``audit`` is an :data:`AuditOf` callable: the store calls it inside the transaction with that
+outcome and appends the events it returns. Such a callable only builds events (no I/O, no clock or
+context reads: the core captures those first), so any backend can call it mid-transaction. Methods
+that append events return :class:`Audited`: their result, and the events with the ids they got.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeAlias, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,7 @@ class RotationOutcome(enum.Enum):
 class Rotation:
     outcome: RotationOutcome
     session: Session | None = None
+    user: User | None = None  # the session's account, when ROTATED
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +127,18 @@ class AuditQuery:
     end_time: float | None = None
 
 
+AuditOf: TypeAlias = Callable[[T], Sequence[AuditEvent]]
+"""Builds, from what a transaction found (``T``), the audit events to append in it (none: empty)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Audited(Generic[T]):
+    """What a change returned, and the audit events appended in its transaction (``id`` set)."""
+
+    value: T
+    events: tuple[AuditEvent, ...] = ()
+
+
 class UserExists(Exception):
     """The username or e-mail address is already registered."""
 
@@ -132,21 +157,65 @@ class Store(Protocol):
     async def get_user_by_email(self, email: str) -> User | None: ...
     async def list_users(self) -> list[User]: ...
     async def set_password_hash(
-        self, user_id: str, password_hash: str, scheme: str, *, expected: str | None = None
-    ) -> bool: ...
+        self,
+        user_id: str,
+        password_hash: str,
+        scheme: str,
+        *,
+        expected: str | None = None,
+        audit: AuditEvent | None = None,
+    ) -> Audited[bool]:
+        """Replace the hash (only while it is still ``expected``, if given); ``audit`` only if it was replaced."""
+        ...
+
+    async def change_password(
+        self,
+        user_id: str,
+        password_hash: str,
+        scheme: str,
+        now: float,
+        *,
+        keep_session: str,
+        audit: AuditOf[int] | None = None,
+    ) -> Audited[int]:
+        """Set the new hash and revoke the user's other active sessions (``password_changed``), with
+        ``audit(sessions revoked)``, in one transaction; the number of sessions revoked."""
+        ...
+
     async def count_hash_schemes(self) -> dict[str, int]: ...
 
     # failed logins and lockout (by normalised username, known or not)
     async def get_lock(self, username: str) -> LockState: ...
-    async def record_login_failure(self, username: str, now: float, policy: LockoutPolicy) -> LockState: ...
-    async def clear_login_failures(self, username: str) -> None: ...
+    async def record_login_failure(
+        self, username: str, now: float, policy: LockoutPolicy, audit: AuditOf[LockState] | None = None
+    ) -> Audited[LockState]:
+        """Count a failure (locking at the threshold; not past a lock a parallel failure set) and append
+        ``audit(the new state)``, in one transaction."""
+        ...
+
+    async def clear_login_failures(self, username: str, audit: AuditEvent | None = None) -> Audited[None]: ...
 
     # sessions and refresh tokens
-    async def create_session(self, session: Session, refresh: RefreshToken) -> None: ...
+    async def create_session(
+        self, session: Session, refresh: RefreshToken, *, clear_failures_of: str = "", audit: AuditEvent | None = None
+    ) -> Audited[None]:
+        """Store the session and its first refresh token, forget ``clear_failures_of``'s failed logins and
+        append ``audit``, in one transaction."""
+        ...
+
     async def get_session(self, session_id: str) -> Session | None: ...
-    async def revoke_session(self, session_id: str, reason: str, now: float) -> bool: ...
-    async def revoke_user_sessions(self, user_id: str, reason: str, now: float, *, keep: str = "") -> int: ...
-    async def rotate_refresh_token(self, digest: str, new: RefreshToken, now: float) -> Rotation: ...
+    async def revoke_session(
+        self, session_id: str, reason: str, now: float, audit: AuditEvent | None = None
+    ) -> Audited[bool]:
+        """End the session if it is not yet revoked; ``audit`` only if this call revoked it."""
+        ...
+
+    async def rotate_refresh_token(
+        self, digest: str, new: RefreshToken, now: float, audit: AuditOf[Rotation] | None = None
+    ) -> Audited[Rotation]:
+        """Rotate (or, for a token rotated before, revoke its session: ``refresh_reuse``) and append
+        ``audit(the rotation)``, in one transaction."""
+        ...
 
     # password reset
     async def create_reset_token(self, token: ResetToken, audit: AuditEvent | None = None) -> int:
@@ -154,8 +223,17 @@ class Store(Protocol):
         ...
 
     async def find_reset_token(self, digest: str, now: float) -> ResetToken | None: ...
-    async def complete_reset(self, digest: str, password_hash: str, scheme: str, now: float) -> str | None: ...
+    async def complete_reset(
+        self, digest: str, password_hash: str, scheme: str, now: float, audit: AuditOf[int] | None = None
+    ) -> Audited[str | None]:
+        """Use the token, set the new hash, revoke every session of its user (``password_reset``), forget the
+        user's failed logins and append ``audit(sessions revoked)``, all in one transaction. The user's id,
+        or None (nothing written) if the token is unknown, used, invalidated or expired."""
+        ...
 
     # audit
-    async def append_audit(self, event: AuditEvent) -> int: ...
+    async def append_audit(self, event: AuditEvent) -> int:
+        """Append an event that records no change of its own (a refused request); its id."""
+        ...
+
     async def list_audit(self, query: AuditQuery) -> list[AuditEvent]: ...
