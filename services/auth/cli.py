@@ -32,11 +32,11 @@ def _say(text: str) -> None:
 
 async def _create_user(core: AuthCore, args: argparse.Namespace) -> int:
     password = os.environ.get(NEW_PASSWORD_ENV) or getpass.getpass("password: ")
-    violations: validation.Violations = []
+    violations = validation.Violations()
     name = validation.username(args.username, violations)
     address = validation.email(args.email, violations)
     if violations:
-        raise SettingsError("; ".join(f"{field}: {text}" for field, text in violations))
+        raise SettingsError("; ".join(f"{field}: {text}" for field, text in violations.pairs()))
     secret = core.check_password(password, username=name)
     roles = (ROLE_USER, ROLE_ADMIN) if args.admin else (ROLE_USER,)
     user = await core.create_user(name, address, secret, roles=roles, reason="cli")
@@ -53,13 +53,13 @@ async def _import_users(core: AuthCore, path: Path) -> int:
         problem = ""
         try:
             record = json.loads(line)
-            violations: validation.Violations = []
+            violations = validation.Violations()
             name = validation.username(str(record.get("username", "")), violations)
             address = validation.email(str(record.get("email", "")), violations)
             roles = tuple(record.get("roles") or [ROLE_USER])
             password_hash = str(record.get("hash", ""))
             if violations:
-                problem = "; ".join(f"{field} {text}" for field, text in violations)
+                problem = "; ".join(f"{field} {text}" for field, text in violations.pairs())
             elif not set(roles) <= KNOWN_ROLES:
                 problem = f"unknown roles {sorted(set(roles) - KNOWN_ROLES)}"
             elif core.hash_scheme(password_hash) == "unknown":

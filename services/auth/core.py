@@ -28,7 +28,7 @@ from typing import Any, NoReturn, TypeVar
 
 from opentelemetry import trace
 
-from services.auth import validation
+from services.auth import reasons, validation
 from services.auth.metrics import AuthMetrics
 from services.auth.notifier import Notifier
 from services.auth.passwords import HashPool, PasswordHasher, PasswordPolicy, normalize
@@ -136,23 +136,17 @@ class AuthCore:
     # -- accounts -------------------------------------------------------------------------
 
     async def register(self, caller: Caller, username: str, email: str, password: str) -> str:
-        violations: validation.Violations = []
+        violations = validation.Violations()
         name = validation.username(username, violations)
         if name and name in self._config.reserved_usernames:
-            violations.append(("username", "is reserved; choose another"))
+            violations.add("username", "is reserved; choose another", reasons.USERNAME_RESERVED)
         address = validation.email(email, violations)
         try:
             secret = self._policy.check(password, username=name or username)
         except InvalidArgument as error:
-            violations.extend(error.violations)
+            violations.add_refusal(error)
             secret = ""
-        if violations:
-            reserved = ("username", "is reserved; choose another") in violations
-            raise InvalidArgument(
-                "the registration request is invalid",
-                violations,
-                reason="USERNAME_RESERVED" if reserved else "INVALID_ARGUMENT",
-            )
+        violations.raise_if_any("the registration request is invalid")
         user = await self.create_user(name, address, secret, roles=(ROLE_USER,), caller=caller)
         return user.id
 
@@ -185,7 +179,9 @@ class AuthCore:
         try:
             event_id = await self._store.create_user(user, event)
         except UserExists:
-            raise AlreadyExists("that username or e-mail address is already registered") from None
+            raise AlreadyExists(
+                "that username or e-mail address is already registered", reason=reasons.ALREADY_EXISTS
+            ) from None
         self._log_audit(event_id, event)
         await self.refresh_hash_gauge()
         return user
@@ -204,11 +200,10 @@ class AuthCore:
 
     async def ensure_admin(self, username: str, email: str, password: str) -> bool:
         """Create the bootstrap administrator unless the username exists; True if created."""
-        violations: validation.Violations = []
+        violations = validation.Violations()
         name = validation.username(username, violations, "AUTH_BOOTSTRAP_ADMIN_USERNAME")
         address = validation.email(email, violations, "AUTH_BOOTSTRAP_ADMIN_EMAIL")
-        if violations:
-            raise InvalidArgument("bootstrap administrator settings are invalid", violations)
+        violations.raise_if_any("bootstrap administrator settings are invalid")
         if await self._store.get_user_by_username(name) is not None:
             return False
         secret = self._policy.check(password, username=name, field="AUTH_BOOTSTRAP_ADMIN_PASSWORD")
@@ -218,11 +213,10 @@ class AuthCore:
     # -- login and sessions ---------------------------------------------------------------
 
     async def login(self, caller: Caller, username: str, password: str) -> TokenPair:
-        violations: validation.Violations = []
+        violations = validation.Violations()
         name = validation.username(username, violations)
         validation.login_password(password, violations)
-        if violations:
-            raise InvalidArgument("the login request is invalid", violations)
+        violations.raise_if_any("the login request is invalid")
 
         limited = await self._limiter.check(client_ip=caller.client_ip, account=name)
         if limited is not None:
@@ -230,7 +224,9 @@ class AuthCore:
             self._metrics.login_attempts.labels("rate_limited").inc()
             await self._audit("RATE_LIMITED", "failure", caller, username=name, reason=f"login_{limited.scope}_limit")
             raise ResourceExhausted(
-                "too many login attempts, retry later", retry_after_seconds=limited.retry_after_seconds
+                "too many login attempts, retry later",
+                reason=reasons.RESOURCE_EXHAUSTED,
+                retry_after_seconds=limited.retry_after_seconds,
             )
 
         now = self._clock()
@@ -289,7 +285,7 @@ class AuthCore:
         if reason == "locked":
             retry = max(0.0, (locked_until or self._clock()) - self._clock())
         # One answer for unknown user, wrong password and lockout (plus RetryInfo when locked).
-        raise Unauthenticated(BAD_CREDENTIALS, reason="INVALID_CREDENTIALS", retry_after_seconds=retry)
+        raise Unauthenticated(BAD_CREDENTIALS, reason=reasons.INVALID_CREDENTIALS, retry_after_seconds=retry)
 
     async def _migrate_hash(self, caller: Caller, user: User, new_hash: str) -> None:
         old_scheme = user.hash_scheme
@@ -338,10 +334,9 @@ class AuthCore:
         )
 
     async def refresh(self, caller: Caller, refresh_token: str) -> TokenPair:
-        violations: validation.Violations = []
+        violations = validation.Violations()
         validation.token(refresh_token, violations, "refresh_token")
-        if violations:
-            raise InvalidArgument("the refresh request is invalid", violations)
+        violations.raise_if_any("the refresh request is invalid")
         now = self._clock()
         new_refresh = new_opaque_token()
         reused = self._event("REFRESH_REUSE_DETECTED", "failure", caller)
@@ -361,32 +356,34 @@ class AuthCore:
         self._log_audited(written)
         session, user = written.value.session, written.value.user
         if written.value.outcome is not RotationOutcome.ROTATED or session is None or user is None:
-            raise Unauthenticated("the refresh token is invalid, expired or revoked", reason="INVALID_REFRESH_TOKEN")
+            raise Unauthenticated(
+                "the refresh token is invalid, expired or revoked", reason=reasons.INVALID_REFRESH_TOKEN
+            )
         return self._pair(user, session, new_refresh, now)
 
     async def authenticate(self, access_token: str) -> AccessClaims:
         """The claims of a valid access token whose session is still active."""
         if not access_token:
-            raise Unauthenticated("a bearer access token is required", reason="MISSING_TOKEN")
-        violations: validation.Violations = []
+            raise Unauthenticated("a bearer access token is required", reason=reasons.MISSING_TOKEN)
+        violations = validation.Violations()
         validation.token(access_token, violations, "access_token")
         if violations:
-            raise Unauthenticated("the access token is malformed", reason="INVALID_TOKEN")
+            raise Unauthenticated("the access token is malformed", reason=reasons.INVALID_TOKEN)
         try:
             claims = self._issuer.verify(access_token, now=self._clock())
         except InvalidToken as error:
             raise Unauthenticated(
-                "the access token is invalid or expired", reason="INVALID_TOKEN", metadata={"cause": error.reason}
+                "the access token is invalid or expired", reason=reasons.INVALID_TOKEN, metadata={"cause": error.reason}
             ) from None
         session = await self._store.get_session(claims.session_id)
         if session is None or not session.active(self._clock()):
-            raise Unauthenticated("the session has ended", reason="SESSION_REVOKED")
+            raise Unauthenticated("the session has ended", reason=reasons.SESSION_REVOKED)
         return claims
 
     async def require_admin(self, caller: Caller) -> AccessClaims:
         claims = await self.authenticate(caller.bearer)
         if ROLE_ADMIN not in claims.roles:
-            raise PermissionDenied("this call needs the admin role", reason="ADMIN_REQUIRED")
+            raise PermissionDenied("this call needs the admin role", reason=reasons.ADMIN_REQUIRED)
         return claims
 
     async def logout(self, caller: Caller) -> None:
@@ -406,18 +403,17 @@ class AuthCore:
 
     async def change_password(self, caller: Caller, current_password: str, new_password: str) -> None:
         claims = await self.authenticate(caller.bearer)
-        violations: validation.Violations = []
+        violations = validation.Violations()
         validation.login_password(current_password, violations, "current_password")
         try:
             secret = self._policy.check(new_password, username=claims.username, field="new_password")
         except InvalidArgument as error:
-            violations.extend(error.violations)
+            violations.add_refusal(error)
             secret = ""
-        if violations:
-            raise InvalidArgument("the password change request is invalid", violations)
+        violations.raise_if_any("the password change request is invalid")
         user = await self._store.get_user_by_id(claims.user_id)
         if user is None:
-            raise Unauthenticated("the session has ended", reason="SESSION_REVOKED")
+            raise Unauthenticated("the session has ended", reason=reasons.SESSION_REVOKED)
         ok, _ = await self._hash(self._hasher.verify_and_update, normalize(current_password), user.password_hash)
         if not ok:
             await self._audit(
@@ -429,7 +425,9 @@ class AuthCore:
                 reason="wrong_current_password",
             )
             raise InvalidArgument(
-                "the current password is not correct", [("current_password", "does not match the account's password")]
+                "the current password is not correct",
+                [("current_password", "does not match the account's password")],
+                reason=reasons.WRONG_CURRENT_PASSWORD,
             )
         new_hash = await self._hash(self._hasher.hash, secret)
         changed = self._event("PASSWORD_CHANGED", "success", caller, user_id=user.id, username=user.username)
@@ -446,10 +444,9 @@ class AuthCore:
 
     async def request_password_reset(self, caller: Caller, email: str) -> None:
         """Always succeeds for a well-formed address; a mail goes out only if it is registered."""
-        violations: validation.Violations = []
+        violations = validation.Violations()
         address = validation.email(email, violations)
-        if violations:
-            raise InvalidArgument("the reset request is invalid", violations)
+        violations.raise_if_any("the reset request is invalid")
         user = await self._store.get_user_by_email(address)
         event = self._event(
             "PASSWORD_RESET_REQUESTED",
@@ -483,17 +480,18 @@ class AuthCore:
             log.warning("reset.delivery_failed", extra=fields(user_id=user.id, error=type(error).__name__))
 
     async def reset_password(self, caller: Caller, token: str, new_password: str) -> None:
-        violations: validation.Violations = []
+        violations = validation.Violations()
         validation.token(token, violations, "token")
-        if violations:
-            raise InvalidArgument("the reset request is invalid", violations)
+        violations.raise_if_any("the reset request is invalid")
         digest = token_digest(token)
         record = await self._store.find_reset_token(digest, self._clock())
         user = await self._store.get_user_by_id(record.user_id) if record else None
         if record is None or user is None:
             await self._audit("PASSWORD_RESET_COMPLETED", "failure", caller, reason="invalid_token")
             raise InvalidArgument(
-                "the reset token is invalid, used or expired", [("token", "is invalid, used or expired")]
+                "the reset token is invalid, used or expired",
+                [("token", "is invalid, used or expired")],
+                reason=reasons.RESET_TOKEN_INVALID,
             )
         secret = self._policy.check(new_password, username=user.username, field="new_password")
         new_hash = await self._hash(self._hasher.hash, secret)
@@ -503,7 +501,9 @@ class AuthCore:
         )
         if written.value is None:  # a parallel reset used the token first
             raise InvalidArgument(
-                "the reset token is invalid, used or expired", [("token", "is invalid, used or expired")]
+                "the reset token is invalid, used or expired",
+                [("token", "is invalid, used or expired")],
+                reason=reasons.RESET_TOKEN_INVALID,
             )
         self._log_audited(written)
         await self.refresh_hash_gauge()
@@ -512,12 +512,11 @@ class AuthCore:
 
     async def unlock_account(self, caller: Caller, username: str) -> None:
         admin = await self.require_admin(caller)
-        violations: validation.Violations = []
+        violations = validation.Violations()
         name = validation.username(username, violations)
-        if violations:
-            raise InvalidArgument("the unlock request is invalid", violations)
+        violations.raise_if_any("the unlock request is invalid")
         if await self._store.get_user_by_username(name) is None and not (await self._store.get_lock(name)).failed_count:
-            raise NotFound("no such account", reason="ACCOUNT_NOT_FOUND")
+            raise NotFound("no such account", reason=reasons.ACCOUNT_NOT_FOUND)
         unlocked = self._event("ACCOUNT_UNLOCKED", "success", caller, username=name, details={"by": admin.username})
         self._log_audited(await self._store.clear_login_failures(name, unlocked))
 
@@ -526,7 +525,9 @@ class AuthCore:
         size = query.page_size or AUDIT_PAGE_DEFAULT
         if not 0 < size <= AUDIT_PAGE_MAX:
             raise InvalidArgument(
-                "the audit query is invalid", [("page_size", f"must be between 1 and {AUDIT_PAGE_MAX}")]
+                "the audit query is invalid",
+                [("page_size", f"must be between 1 and {AUDIT_PAGE_MAX}")],
+                reason=reasons.PAGE_SIZE_OUT_OF_RANGE,
             )
         return await self._store.list_audit(replace(query, page_size=size))
 

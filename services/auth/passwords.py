@@ -53,6 +53,7 @@ from passlib.context import CryptContext  # type: ignore[import-untyped]
 from passlib.hash import argon2  # type: ignore[import-untyped]
 from passlib.utils import to_unicode
 
+from services.auth import reasons
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.logs import fields
 
@@ -338,30 +339,30 @@ class PasswordPolicy:
     def check(self, password: str, *, username: str = "", field: str = "password") -> str:
         """The NFKC-normalised password to hash; InvalidArgument with a violation on ``field`` if refused."""
 
-        def refuse(description: str) -> InvalidArgument:
-            return InvalidArgument(description, violations=[(field, description)])
+        def refuse(description: str, reason: str) -> InvalidArgument:
+            return InvalidArgument(description, violations=[(field, description)], reason=reason)
 
         too_long = f"password must be at most {self.max_length} characters"
         if len(password) > self.max_length:
-            raise refuse(too_long)
+            raise refuse(too_long, reasons.PASSWORD_TOO_LONG)
         if not password:
-            raise refuse("password is required")
+            raise refuse("password is required", reasons.FIELD_REQUIRED)
         normalised = normalize(password)
         if len(normalised.encode("utf-8", "surrogatepass")) > self.max_bytes:
-            raise refuse(too_long)
+            raise refuse(too_long, reasons.PASSWORD_TOO_LONG)
         if len(normalised) < self.min_length:
-            raise refuse(f"password must be at least {self.min_length} characters")
+            raise refuse(f"password must be at least {self.min_length} characters", reasons.PASSWORD_TOO_SHORT)
         categories = {unicodedata.category(char) for char in normalised}
         if "Cc" in categories:
-            raise refuse("password must not contain control characters")
+            raise refuse("password must not contain control characters", reasons.PASSWORD_INVALID_CHARACTERS)
         if "Cs" in categories:
-            raise refuse("password must be valid Unicode text")
+            raise refuse("password must be valid Unicode text", reasons.PASSWORD_INVALID_CHARACTERS)
         folded = normalised.casefold()
         if folded in self._common:
-            raise refuse("password is too common; choose a longer or less predictable one")
+            raise refuse("password is too common; choose a longer or less predictable one", reasons.PASSWORD_TOO_COMMON)
         name = normalize(username).casefold()
         if len(name) >= 3 and name in folded:
-            raise refuse("password must not contain the username")
+            raise refuse("password must not contain the username", reasons.PASSWORD_CONTAINS_USERNAME)
         return normalised
 
 
@@ -407,7 +408,9 @@ class HashPool:
             raise RuntimeError("HashPool is closed")
         if self._in_flight >= self._capacity:
             raise ResourceExhausted(
-                "password hashing is saturated, retry shortly", retry_after_seconds=RETRY_AFTER_SECONDS
+                "password hashing is saturated, retry shortly",
+                reason=reasons.RESOURCE_EXHAUSTED,
+                retry_after_seconds=RETRY_AFTER_SECONDS,
             )
         loop = asyncio.get_running_loop()
         job = self._executor.submit(self._timed, functools.partial(fn, *args))

@@ -17,6 +17,7 @@ from auth.v1 import auth_pb2 as pb
 from auth.v1 import auth_pb2_grpc
 from google.protobuf import timestamp_pb2
 
+from services.auth import reasons
 from services.auth.core import AuthCore, Caller, TokenPair
 from services.auth.store import AuditEvent, AuditQuery
 from services.common.errors import InvalidArgument
@@ -81,7 +82,9 @@ def _after_id(page_token: str) -> int:
         return int(value)
     except ValueError:
         raise InvalidArgument(
-            "the page token is invalid", [("page_token", "is not a token from a previous page")]
+            "the page token is invalid",
+            [("page_token", "is not a token from a previous page")],
+            reason=reasons.PAGE_TOKEN_INVALID,
         ) from None
 
 
@@ -166,12 +169,20 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> pb.ListAuditEventsResponse:
         caller = self._identity.caller(context)
         if request.page_size < 0:
-            raise InvalidArgument("the audit query is invalid", [("page_size", "must not be negative")])
+            raise InvalidArgument(
+                "the audit query is invalid",
+                [("page_size", "must not be negative")],
+                reason=reasons.PAGE_SIZE_OUT_OF_RANGE,
+            )
         event_types = []
         for value in request.event_types:
             name = pb.AuditEventType.Name(value) if value in pb.AuditEventType.values() else ""
             if not name or value == pb.AUDIT_EVENT_TYPE_UNSPECIFIED:
-                raise InvalidArgument("the audit query is invalid", [("event_types", f"unknown event type {value}")])
+                raise InvalidArgument(
+                    "the audit query is invalid",
+                    [("event_types", f"unknown event type {value}")],
+                    reason=reasons.UNKNOWN_EVENT_TYPE,
+                )
             event_types.append(name.removeprefix(_EVENT_PREFIX))
         query = AuditQuery(
             page_size=request.page_size,
