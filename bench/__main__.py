@@ -4,6 +4,7 @@ import asyncio
 
 from bench import (
     auth_login,
+    auth_reset,
     chassis_overhead,
     gateway_hop,
     inference_iris,
@@ -16,6 +17,7 @@ from bench import (
 if __name__ == "__main__":
     asyncio.run(chassis_overhead.main())
     asyncio.run(auth_login.main())
+    asyncio.run(auth_reset.main())
     asyncio.run(ipc_throughput.main())
     asyncio.run(vs_mlserver.main())
     asyncio.run(inference_iris.main())

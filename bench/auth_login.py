@@ -57,7 +57,8 @@ SERVERS = {
 }
 
 
-async def _serve(name: str) -> None:
+async def serve(name: str, overrides: dict[str, Any]) -> None:
+    """One auth server with ``overrides`` (bench/auth_reset.py starts its own through this too)."""
     from services.auth import AuthSettings, build_server
 
     with tempfile.TemporaryDirectory(prefix=f"bench-auth-{name}-") as data_dir:
@@ -71,7 +72,7 @@ async def _serve(name: str) -> None:
             "login_rate_per_ip": UNLIMITED,
             "login_rate_per_account": UNLIMITED,
             "lockout_threshold": LOCKOUT_THRESHOLD,
-            **SERVERS[name],
+            **overrides,
         }
         server = await build_server(AuthSettings(**values))
         await server.start()
@@ -83,12 +84,12 @@ async def _serve(name: str) -> None:
 
 
 class Server:
-    """One auth server process and a channel to it."""
+    """One auth server process (``python -m MODULE serve NAME``) and a channel to it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, module: str = "bench.auth_login") -> None:
         self.name = name
         self.process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "bench.auth_login", "serve", name],
+            [sys.executable, "-m", module, "serve", name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -279,6 +280,6 @@ async def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
-        asyncio.run(_serve(sys.argv[2]))
+        asyncio.run(serve(sys.argv[2], SERVERS[sys.argv[2]]))
     else:
         asyncio.run(main())
