@@ -24,9 +24,8 @@ exception itself goes to the log only. A status received from an upstream call
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from services.common.interception import RpcInfo, ScopeInterceptor
+from services.common.interception import ErrorHandling, RpcInfo
 from services.common.logs import current_trace_ids, fields
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ class _Undecodable:
     problem: str
 
 
-class ErrorInterceptor(ScopeInterceptor):
+class ErrorTranslation(ErrorHandling):
     """Turns what a handler raises into the gRPC status the caller sees.
 
     A unary request that cannot be decoded never reaches the handler: it is answered with
@@ -177,7 +176,6 @@ class ErrorInterceptor(ScopeInterceptor):
     """
 
     def __init__(self, domain: str):
-        super().__init__()
         self._domain = domain
 
     def wrap_deserializer(self, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -199,18 +197,15 @@ class ErrorInterceptor(ScopeInterceptor):
                 "the request message could not be decoded", [("request", f"is not a valid message: {request.problem}")]
             )
 
-    @contextlib.asynccontextmanager
-    async def scope(self, info: RpcInfo, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def failed(self, error: BaseException, info: RpcInfo, context: grpc.aio.ServicerContext) -> None:
         trace_id, _ = current_trace_ids()
         trace = ((TRACE_ID_KEY, trace_id),) if trace_id else ()
-        try:
-            yield
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise  # already a status (context.abort), or the caller went away
-        except ServiceError as error:
+        if isinstance(error, grpc.aio.AbortError | asyncio.CancelledError) or not isinstance(error, Exception):
+            return  # already a status (context.abort), the caller went away, or the process is exiting
+        if isinstance(error, ServiceError):
             details = ((_DETAILS_KEY, to_status_details(error, self._domain)),)
             await context.abort(error.code, error.message, trailing_metadata=details + trace)
-        except grpc.aio.AioRpcError as error:
+        elif isinstance(error, grpc.aio.AioRpcError):
             # An upstream call failed: pass its status on (rich details included).
             passed = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if k == _DETAILS_KEY)
             log.info(
@@ -218,22 +213,24 @@ class ErrorInterceptor(ScopeInterceptor):
                 extra=fields(method=info.full_method, code=error.code().name, upstream_message=error.details()),
             )
             await context.abort(error.code(), error.details() or "", trailing_metadata=passed + trace)
-        except NotImplementedError:
+        elif isinstance(error, NotImplementedError):
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED, f"{info.method} is not implemented", trailing_metadata=trace
             )
-        except Exception:
-            log.exception("rpc.unexpected_error", extra=fields(method=info.full_method))
-            await context.abort(grpc.StatusCode.INTERNAL, internal_message(), trailing_metadata=trace)
         else:
-            if trace:
-                context.set_trailing_metadata(tuple(context.trailing_metadata() or ()) + trace)
+            log.error("rpc.unexpected_error", exc_info=error, extra=fields(method=info.full_method))
+            await context.abort(grpc.StatusCode.INTERNAL, internal_message(), trailing_metadata=trace)
+
+    def succeeded(self, context: grpc.aio.ServicerContext) -> None:
+        trace_id, _ = current_trace_ids()
+        if trace_id:
+            context.set_trailing_metadata((*(context.trailing_metadata() or ()), (TRACE_ID_KEY, trace_id)))
 
 
 __all__ = [
     "AlreadyExists",
     "DeadlineExceeded",
-    "ErrorInterceptor",
+    "ErrorTranslation",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",

@@ -11,10 +11,9 @@ run in one process (tests) without sharing or double-registering metrics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -22,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
 
-from services.common.interception import RpcInfo, ScopeInterceptor, outcome_code, split_method
+from services.common.interception import MethodScope, RpcConcern, RpcInfo, split_method
 
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()
@@ -54,28 +53,36 @@ class _RpcMetrics:
         )
 
 
-class ServerMetricsInterceptor(ScopeInterceptor):
+class ServerMetrics(RpcConcern):
     """Counts and times every RPC the server handles, by final status code."""
 
     def __init__(self, registry: CollectorRegistry):
-        super().__init__()
         self._metrics = _RpcMetrics("server", registry)
 
-    @contextlib.asynccontextmanager
-    async def scope(self, info: RpcInfo, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        labels = (info.rpc_type, info.service, info.method)
-        self._metrics.started.labels(*labels).inc()
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            code = outcome_code(context, error)
-            self._metrics.handled.labels(*labels, code.name).inc()
-            self._metrics.seconds.labels(*labels).observe(time.perf_counter() - start)
+    def for_method(self, info: RpcInfo) -> MethodScope:
+        return _MethodMetrics(self._metrics, (info.rpc_type, info.service, info.method))
+
+
+class _MethodMetrics(MethodScope):
+    """One method's series; the label children are looked up once (per status code for ``handled``)."""
+
+    def __init__(self, metrics: _RpcMetrics, labels: tuple[str, str, str]):
+        self._metrics = metrics
+        self._labels = labels
+        self._started = metrics.started.labels(*labels)
+        self._seconds = metrics.seconds.labels(*labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def begin(self, context: grpc.aio.ServicerContext) -> Any:
+        self._started.inc()
+        return None
+
+    def end(self, state: Any, context: grpc.aio.ServicerContext, code: grpc.StatusCode, seconds: float) -> None:
+        handled = self._handled.get(code)
+        if handled is None:
+            handled = self._handled[code] = self._metrics.handled.labels(*self._labels, code.name)
+        handled.inc()
+        self._seconds.observe(seconds)
 
 
 class ClientMetricsInterceptor(

@@ -7,14 +7,12 @@ INFO (WARNING for server-side failures).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from services.common.interception import RpcInfo, ScopeInterceptor, outcome_code
+from services.common.interception import MethodScope, RpcConcern, RpcInfo
 from services.common.logs import bind_service, fields, reset_service
 
 log = logging.getLogger(__name__)
@@ -28,30 +26,30 @@ _SERVER_FAULTS = frozenset(
 )
 
 
-class RequestLogInterceptor(ScopeInterceptor):
+class RequestLog(RpcConcern):
     """Binds the service name for the RPC's log lines and logs how each RPC ended."""
 
     def __init__(self, service: str):
-        super().__init__()
         self._service = service
 
-    @contextlib.asynccontextmanager
-    async def scope(self, info: RpcInfo, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        token = bind_service(self._service)
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            code = outcome_code(context, error)
-            level = logging.INFO
-            if info.service in _QUIET_SERVICES or info.full_method in _QUIET_METHODS:
-                level = logging.DEBUG
-            elif code in _SERVER_FAULTS:
-                level = logging.WARNING
+    def for_method(self, info: RpcInfo) -> MethodScope:
+        quiet = info.service in _QUIET_SERVICES or info.full_method in _QUIET_METHODS
+        return _MethodLog(self._service, info, quiet)
+
+
+class _MethodLog(MethodScope):
+    def __init__(self, service: str, info: RpcInfo, quiet: bool):
+        self._service = service
+        self._info = info
+        self._quiet = quiet
+
+    def begin(self, context: grpc.aio.ServicerContext) -> Any:
+        return bind_service(self._service)
+
+    def end(self, state: Any, context: grpc.aio.ServicerContext, code: grpc.StatusCode, seconds: float) -> None:
+        level = logging.DEBUG if self._quiet else logging.WARNING if code in _SERVER_FAULTS else logging.INFO
+        if log.isEnabledFor(level):
+            info = self._info
             log.log(
                 level,
                 "rpc.finished",
@@ -59,8 +57,8 @@ class RequestLogInterceptor(ScopeInterceptor):
                     method=info.full_method,
                     grpc_type=info.rpc_type,
                     code=code.name,
-                    duration_ms=round((time.perf_counter() - start) * 1000, 3),
+                    duration_ms=round(seconds * 1000, 3),
                     peer=context.peer(),
                 ),
             )
-            reset_service(token)
+        reset_service(state)

@@ -36,10 +36,11 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from services.common import reflection
 from services.common.client import create_channel
-from services.common.errors import ErrorInterceptor
+from services.common.errors import ErrorTranslation
+from services.common.interception import ChassisInterceptor
 from services.common.logs import bind_service, fields, reset_service
-from services.common.metrics import ClientMetricsInterceptor, MetricsEndpoint, ServerMetricsInterceptor, WsgiApp
-from services.common.request_log import RequestLogInterceptor
+from services.common.metrics import ClientMetricsInterceptor, MetricsEndpoint, ServerMetrics, WsgiApp
+from services.common.request_log import RequestLog
 from services.common.settings import ServiceSettings
 from services.common.telemetry import create_tracer_provider
 
@@ -67,9 +68,9 @@ class GrpcServer:
         self._server = grpc.aio.server(
             interceptors=[
                 aio_server_interceptor(tracer_provider=self.tracer_provider),
-                RequestLogInterceptor(service),
-                ServerMetricsInterceptor(self.registry),
-                ErrorInterceptor(domain=service),
+                ChassisInterceptor(
+                    [RequestLog(service), ServerMetrics(self.registry)], ErrorTranslation(domain=service)
+                ),
             ],
             options=[
                 ("grpc.so_reuseport", 0),

@@ -121,10 +121,11 @@ class Worker:
             if call.outputs:
                 outputs = {name: value for name, value in outputs.items() if name in call.outputs}
             prepared = time.perf_counter_ns()
-            log.info(
-                "worker.inference",
-                extra=fields(worker_id=self._args.worker_id, compute_ms=round((inferred - started) / 1e6, 3)),
-            )
+            if log.isEnabledFor(logging.DEBUG):  # the supervisor logs every RPC at INFO already
+                log.debug(
+                    "worker.inference",
+                    extra=fields(worker_id=self._args.worker_id, compute_ms=round((inferred - started) / 1e6, 3)),
+                )
             try:
                 self._send(
                     ipc.InferResult(call.request_id, outputs, decode_ns, inferred - started, prepared - inferred)

@@ -116,6 +116,32 @@ def test_sklearn_output_methods_can_be_configured(demo, tmp_path):
     np.testing.assert_allclose(outputs["scores"], iris.estimator.decision_function(features))
 
 
+def test_a_pipeline_answers_what_its_own_methods_answer(demo, tmp_path):
+    """The runtime transforms once and calls the final step's methods: the same as each pipeline method."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    features, target = make_models.IRIS.data()
+    pipeline = make_pipeline(StandardScaler(), "passthrough", LogisticRegression(max_iter=500)).fit(features, target)
+    model_dir = copy_with_artifact(demo["iris"].path, tmp_path / "iris", "model.skops", pipeline)
+    config = with_config(
+        model_dir,
+        tmp_path / "iris",
+        outputs=[
+            {"name": "label", "datatype": "INT64", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP64", "shape": [-1, 3]},
+            {"name": "scores", "datatype": "FP64", "shape": [-1, 3]},
+        ],
+        parameters={"outputs": {"scores": {"method": "decision_function"}}},
+    )
+    outputs = loaded(model_dir, config=config).predict({"input": features})
+    np.testing.assert_array_equal(outputs["label"], pipeline.predict(features))
+    np.testing.assert_array_equal(outputs["probabilities"], pipeline.predict_proba(features))
+    np.testing.assert_array_equal(outputs["scores"], pipeline.decision_function(features))
+    with pytest.raises(ModelError, match="the pipeline's transform failed: ValueError"):
+        loaded(model_dir, config=config).predict({"input": features[:, :3]})  # the scaler wants 4 features
+
+
 @pytest.mark.parametrize(
     ("changes", "problem"),
     [

@@ -62,7 +62,9 @@ async def test_one_request_is_one_trace_across_four_processes(collector, demo_mo
     started: list[ServiceProcess] = []
     try:
         for name in ("auth", "inference"):
-            started.append(await asyncio.to_thread(start_service, name, tmp_path, otel))
+            # At DEBUG the worker logs each inference (worker.inference), so its lines can be checked too.
+            env = {**otel, "INFERENCE_LOG_LEVEL": "DEBUG"} if name == "inference" else otel
+            started.append(await asyncio.to_thread(start_service, name, tmp_path, env))
         auth, inference = started
         gateway = await asyncio.to_thread(
             start_service,

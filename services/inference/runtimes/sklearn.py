@@ -17,7 +17,13 @@ computed by an estimator method: ``parameters.outputs.<name>.method`` or, by def
 
 NaN and infinity in the input are refused (INVALID_ARGUMENT) before the estimator sees them,
 unless ``parameters.allow_non_finite: true`` (for estimators that handle missing values, such as
-``HistGradientBoostingClassifier``).
+``HistGradientBoostingClassifier``). Once they are refused here, scikit-learn is told so
+(``assume_finite``) and does not scan the input again.
+
+A :class:`~sklearn.pipeline.Pipeline` whose outputs call several methods runs its transforming steps
+once per request and each method of its final step on their result, which is what each of the
+pipeline's own methods does (``Pipeline.predict(X)`` is ``final.predict(transform(X))``), without
+transforming the same rows once per method.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sklearn
 import skops.io  # type: ignore[import-untyped]
+from sklearn.pipeline import Pipeline
 
 from services.inference.repository import ModelConfig
 from services.inference.runtimes.base import ModelError, cast_outputs, check_finite, input_policy, runtime_parameters
@@ -106,6 +114,9 @@ class SklearnRuntime:
         self._config: ModelConfig | None = None
         self._input = ""
         self._methods: dict[str, str] = {}
+        self._finite = True  # non-finite input is refused before the estimator sees it
+        self._transform: Any = None  # a pipeline's transforming steps, run once for all methods
+        self._final: Any = None  # the estimator whose methods compute the outputs
 
     def load(self, version_dir: Path, config: ModelConfig) -> None:
         if len(config.inputs) != 1:
@@ -119,22 +130,39 @@ class SklearnRuntime:
         if missing:
             raise ModelError(f"model {config.name}: {type(estimator).__name__} has no method {missing}")
         self._estimator, self._config, self._input, self._methods = estimator, config, config.inputs[0].name, methods
+        self._finite = not input_policy(config).allow_non_finite
+        self._transform, self._final = None, estimator
+        if isinstance(estimator, Pipeline) and len(set(methods.values())) > 1 and len(estimator.steps) > 1:
+            final = estimator.steps[-1][1]
+            if final != "passthrough" and all(hasattr(final, method) for method in methods.values()):
+                self._transform, self._final = estimator[:-1], final
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._config is None:
             raise ModelError("the model is not loaded")
         if self._input not in inputs:
             raise ModelError(f"input {self._input} is missing")
-        check_finite(self._config, inputs)
+        if self._finite:
+            check_finite(self._config, inputs)
         features = inputs[self._input]
         results: dict[str, Any] = {}
-        for method in sorted(set(self._methods.values())):  # each method once, even for several outputs
-            try:
-                results[method] = getattr(self._estimator, method)(features)
-            except Exception as error:
-                problem = f"{type(error).__name__}: {error}"
-                raise ModelError(f"model {self._config.name}: {method} failed: {problem}") from error
+        with sklearn.config_context(assume_finite=self._finite):
+            if self._transform is not None:
+                try:
+                    features = self._transform.transform(features)
+                except Exception as error:
+                    problem = f"{type(error).__name__}: {error}"
+                    raise ModelError(
+                        f"model {self._config.name}: the pipeline's transform failed: {problem}"
+                    ) from error
+            for method in sorted(set(self._methods.values())):  # each method once, even for several outputs
+                try:
+                    results[method] = getattr(self._final, method)(features)
+                except Exception as error:
+                    problem = f"{type(error).__name__}: {error}"
+                    raise ModelError(f"model {self._config.name}: {method} failed: {problem}") from error
         return cast_outputs(self._config, {name: results[method] for name, method in self._methods.items()})
 
     def unload(self) -> None:
         self._estimator, self._config, self._methods = None, None, {}
+        self._transform = self._final = None
