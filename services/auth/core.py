@@ -456,20 +456,27 @@ class AuthCore:
             username=user.username if user else "",
             reason="" if user else "unknown_email",
         )
-        # Known or not, the same work is awaited: one read, then one write transaction (the token with its
-        # event, or the event alone), so the answer's timing does not tell whether the address is registered.
-        if user is None:
-            self._log_audit(await self._store.append_audit(event), event)
-            return
-        token = new_opaque_token()
-        now = self._clock()
-        ttl = self._config.reset_ttl_seconds
-        event_id = await self._store.create_reset_token(ResetToken(token_digest(token), user.id, now, now + ttl), event)
-        self._log_audit(event_id, event)
-        # Deliver in the background: a registered address must not answer slower than an unknown one.
-        task = asyncio.get_running_loop().create_task(self._deliver_reset(user, token, ttl))
+        # Known or not, the answer waits for the same work, the one read above: the write (the token with its
+        # event, or the event alone) and the mail go on in the background, so that the answer's timing does not
+        # tell whether the address is registered (a token write costs twice an event's).
+        task = asyncio.get_running_loop().create_task(self._record_reset(user, event))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _record_reset(self, user: User | None, event: AuditEvent) -> None:
+        try:
+            if user is None:
+                self._log_audit(await self._store.append_audit(event), event)
+                return
+            token = new_opaque_token()
+            now = self._clock()
+            ttl = self._config.reset_ttl_seconds
+            record = ResetToken(token_digest(token), user.id, now, now + ttl)
+            self._log_audit(await self._store.create_reset_token(record, event), event)
+        except Exception as error:  # the caller has its answer already: the log is the only place left
+            log.warning("reset.request_failed", extra=fields(user_id=event.user_id, error=type(error).__name__))
+            return
+        await self._deliver_reset(user, token, ttl)
 
     async def _deliver_reset(self, user: User, token: str, ttl: int) -> None:
         try:
