@@ -1,7 +1,7 @@
 """Whether RequestPasswordReset's latency tells a registered e-mail address from an unknown one.
 
-Both answer OK; the service awaits the same steps for both (one read, then one write transaction: the reset
-token with its audit event, or the audit event alone) and delivers the mail in the background. This measures
+Both answer OK; the answer waits for the same step for both (one read) and the write transaction (the reset
+token with its audit event, or the audit event alone) and the mail follow in the background. This measures
 what a caller sees: one real auth server (``build_server`` with ``AuthSettings`` through
 :func:`bench.auth_login.serve`, default production hash profile, SQLite in a fresh temporary directory, the
 outbox file as mail transport) in its own process, called over gRPC on loopback, ``time.perf_counter``
