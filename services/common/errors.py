@@ -40,6 +40,7 @@ from services.common.logs import current_trace_ids, fields
 log = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
+REQUEST_UNDECODABLE = "REQUEST_UNDECODABLE"  # the ErrorInfo reason of a request message that cannot be parsed
 TRACE_ID_KEY = "x-trace-id"  # in every response's trailers: the ID to quote and to grep the logs for
 
 
@@ -194,7 +195,9 @@ class ErrorTranslation(ErrorHandling):
     def check_request(self, request: Any) -> None:
         if isinstance(request, _Undecodable):
             raise InvalidArgument(
-                "the request message could not be decoded", [("request", f"is not a valid message: {request.problem}")]
+                "the request message could not be decoded",
+                [("request", f"is not a valid message: {request.problem}")],
+                reason=REQUEST_UNDECODABLE,
             )
 
     async def failed(self, error: BaseException, info: RpcInfo, context: grpc.aio.ServicerContext) -> None:

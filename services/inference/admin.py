@@ -8,8 +8,10 @@ from inference.v1 import worker_pool_pb2 as pb
 from inference.v1 import worker_pool_pb2_grpc
 
 from services.common.errors import InvalidArgument
+from services.inference import reasons
 from services.inference.manager import ModelManager
 from services.inference.pool import WorkerHealth, WorkerState
+from services.inference.reasons import check_name
 
 _STATES = {
     WorkerState.STARTING: pb.WORKER_STATE_STARTING,
@@ -58,6 +60,9 @@ class WorkerPoolServicer(worker_pool_pb2_grpc.WorkerPoolServiceServicer):
         self, request: pb.RestartWorkerRequest, context: grpc.aio.ServicerContext
     ) -> pb.RestartWorkerResponse:
         if not request.worker_id:
-            raise InvalidArgument("worker_id is required", [("worker_id", "must not be empty")])
+            raise InvalidArgument(
+                "worker_id is required", [("worker_id", "must not be empty")], reason=reasons.WORKER_ID_REQUIRED
+            )
+        check_name("worker_id", request.worker_id)
         view = await self._manager.restart_worker(request.worker_id)
         return pb.RestartWorkerResponse(worker=worker_health(view))

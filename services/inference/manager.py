@@ -20,10 +20,11 @@ import numpy as np
 
 from services.common.errors import NotFound, Unavailable
 from services.common.logs import fields
-from services.inference import ipc
+from services.inference import ipc, reasons
 from services.inference.batching import BatchPolicy
 from services.inference.metrics import InferenceMetrics
 from services.inference.pool import PoolSettings, WorkerHealth, WorkerPool, WorkerState
+from services.inference.reasons import clip
 from services.inference.repository import ModelConfig, ModelEntry, scan
 from services.inference.stats import InferenceStatistics, RequestTimer, VersionStatistics
 
@@ -148,7 +149,7 @@ class ModelManager:
         """(Re)load one model from the repository now: RepositoryModelLoad."""
         entries = await self._scan()
         if name not in entries:
-            raise NotFound(f"model {name} is not in the repository", reason="MODEL_NOT_FOUND")
+            raise NotFound(f"model {name} is not in the repository", reason=reasons.MODEL_NOT_FOUND)
         entry, stamp = entries[name]
         if not await self._reload(entry, stamp, force=True):
             model = self._models.get(name)
@@ -254,7 +255,7 @@ class ModelManager:
         if model is None:
             if missing_ok:
                 return
-            raise NotFound(f"model {name} is not loaded", reason="MODEL_NOT_FOUND")
+            raise NotFound(f"model {name} is not loaded", reason=reasons.MODEL_NOT_FOUND)
         self._changed()
         async with model.lock:
             pools = [*model.pools.values(), *model.draining]
@@ -309,7 +310,7 @@ class ModelManager:
     def resolve(self, name: str, version: str = "") -> tuple[LoadedModel, WorkerPool]:
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"model {name!r} is not served", reason="MODEL_NOT_FOUND")
+            raise NotFound(f"model {name!r} is not served", reason=reasons.MODEL_NOT_FOUND)
         if not model.pools:
             if model.loading:
                 raise Unavailable(f"model {name} is loading", retry_after_seconds=1)
@@ -319,7 +320,7 @@ class ModelManager:
             version = model.newest()
         pool = model.pools.get(version)
         if pool is None:
-            raise NotFound(f"model {name!r} has no served version {version!r}", reason="VERSION_NOT_FOUND")
+            raise NotFound(f"model {name!r} has no served version {version!r}", reason=reasons.VERSION_NOT_FOUND)
         return model, pool
 
     @staticmethod
@@ -331,7 +332,7 @@ class ModelManager:
     def model(self, name: str) -> LoadedModel:
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"model {name!r} is not served", reason="MODEL_NOT_FOUND")
+            raise NotFound(f"model {name!r} is not served", reason=reasons.MODEL_NOT_FOUND)
         return model
 
     def model_ready(self, name: str, version: str = "") -> bool:
@@ -402,7 +403,7 @@ class ModelManager:
             if version:
                 if version not in model.pools:
                     raise NotFound(
-                        f"model {model.name!r} has no served version {version!r}", reason="VERSION_NOT_FOUND"
+                        f"model {model.name!r} has no served version {version!r}", reason=reasons.VERSION_NOT_FOUND
                     )
                 versions = [version]
             rows += [self.statistics.get(model.name, served) for served in versions]
@@ -425,4 +426,4 @@ class ModelManager:
             for pool in model.pools.values():
                 if await pool.restart(worker_id):
                     return next(view for view in pool.health() if view.worker_id == worker_id)
-        raise NotFound(f"no worker {worker_id!r}", reason="WORKER_NOT_FOUND")
+        raise NotFound(f"no worker {clip(worker_id)!r}", reason=reasons.WORKER_NOT_FOUND)

@@ -41,7 +41,7 @@ from prometheus_client import Counter, Histogram
 
 from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.logs import fields
-from services.inference import ipc
+from services.inference import ipc, reasons
 from services.inference.batching import BatchPolicy, SplitError, batch_key, join, split
 from services.inference.metrics import InferenceMetrics
 from services.inference.process import PendingInfer, WorkerGone, WorkerProcess, WorkerSpec, WorkerStartError
@@ -774,6 +774,9 @@ class WorkerPool:
                 ),
             )
         if isinstance(result, ipc.Failure):
+            if result.code == "INVALID_ARGUMENT" and len(batch) > 1:
+                self._run_alone(batch)
+                return
             run.fail(self._failure(result))
             return
         slot.served += 1
@@ -794,11 +797,29 @@ class WorkerPool:
                     )
                 )
 
+    def _run_alone(self, batch: list[_Request]) -> None:
+        """The model refused the input of a batch: some member's, not necessarily every member's. Each
+        member still waiting goes back to the head of the queue, never to be batched again, so that the
+        one at fault gets the refusal and the others their answers (at most one extra call per member)."""
+        for request in reversed(batch):
+            if request.gone or request.future.done():
+                continue
+            request.run, request.key, request.leads = None, None, True
+            request.batch_size = request.batch_rows = 1
+            self._queue.appendleft(request)
+        self._schedule()
+
     def _failure(self, result: ipc.Failure) -> Exception:
         if result.code == "DEADLINE_EXCEEDED":
             return DeadlineExceeded(result.message)
         if result.code == "INVALID_ARGUMENT":
-            return InvalidArgument(result.message, [("inputs", result.message)])
+            return InvalidArgument(result.message, [("inputs", result.message)], reason=reasons.MODEL_REJECTED_INPUT)
+        if result.code == "RESOURCE_EXHAUSTED":
+            return ResourceExhausted(
+                f"model {self.model_name} ran out of memory on this request; a smaller one may succeed",
+                reason=reasons.MODEL_OUT_OF_MEMORY,
+                retry_after_seconds=1,
+            )
         return Internal(f"model {self.model_name}: {result.message}")
 
     def request_series(self, outcome: str) -> tuple[Counter, Histogram]:

@@ -64,6 +64,16 @@ DUPLICATE_OUTPUT = "DUPLICATE_OUTPUT"
 """The same output requested twice."""
 INVALID_PARAMETER = "INVALID_PARAMETER"
 """A request parameter the service reads has the wrong type (``raw_output`` must be a bool_param)."""
+WORKER_ID_REQUIRED = "WORKER_ID_REQUIRED"
+"""RestartWorker: ``worker_id`` is empty."""
+
+# --- NOT_FOUND ------------------------------------------------------------------------------------------
+MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+"""No such model in the repository, or it is not loaded (served)."""
+VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
+"""The model is served, but not in the version asked for."""
+WORKER_NOT_FOUND = "WORKER_NOT_FOUND"
+"""RestartWorker: no worker has that ``worker_id``."""
 
 # --- RESOURCE_EXHAUSTED (not worth a retry: the same request fails the same way) ---------------------
 TOO_MANY_INPUT_ELEMENTS = "TOO_MANY_INPUT_ELEMENTS"
@@ -72,6 +82,8 @@ TOO_MANY_OUTPUT_ELEMENTS = "TOO_MANY_OUTPUT_ELEMENTS"
 """The outputs would have more elements together than ``INFERENCE_MAX_OUTPUT_ELEMENTS``."""
 OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
 """The answer would not fit in ``INFERENCE_MAX_MESSAGE_BYTES``."""
+MODEL_OUT_OF_MEMORY = "MODEL_OUT_OF_MEMORY"
+"""The model ran out of memory on this request (MemoryError in the worker); smaller requests may succeed."""
 
 ALL: tuple[str, ...] = (
     MODEL_NAME_REQUIRED,
@@ -98,9 +110,14 @@ ALL: tuple[str, ...] = (
     UNKNOWN_OUTPUT,
     DUPLICATE_OUTPUT,
     INVALID_PARAMETER,
+    WORKER_ID_REQUIRED,
+    MODEL_NOT_FOUND,
+    VERSION_NOT_FOUND,
+    WORKER_NOT_FOUND,
     TOO_MANY_INPUT_ELEMENTS,
     TOO_MANY_OUTPUT_ELEMENTS,
     OUTPUT_TOO_LARGE,
+    MODEL_OUT_OF_MEMORY,
 )
 """Every reason above, INVALID_ARGUMENT ones first."""
 
@@ -144,6 +161,8 @@ __all__ = [
     "MISSING_DATA",
     "MISSING_INPUT",
     "MODEL_NAME_REQUIRED",
+    "MODEL_NOT_FOUND",
+    "MODEL_OUT_OF_MEMORY",
     "MODEL_REJECTED_INPUT",
     "NAME_TOO_LONG",
     "NEGATIVE_DIMENSION",
@@ -159,6 +178,9 @@ __all__ = [
     "UNKNOWN_INPUT",
     "UNKNOWN_OUTPUT",
     "VALUE_OUT_OF_RANGE",
+    "VERSION_NOT_FOUND",
+    "WORKER_ID_REQUIRED",
+    "WORKER_NOT_FOUND",
     "ZERO_SIZE_DIMENSION",
     "check_name",
     "clip",

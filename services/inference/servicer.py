@@ -157,20 +157,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
-            try:
-                result = await self._manager.infer(
-                    pool,
-                    decoded.inputs,
-                    decoded.requested_outputs,
-                    deadline=time.time() + max(0.0, timeout),
-                    traceparent=_traceparent(),
-                    timer=timer,
-                )
-            except InvalidArgument as error:
-                if error.reason != InvalidArgument.reason:
-                    raise
-                # The worker's INVALID_ARGUMENT: the model refused the input (runtimes.InvalidInput).
-                raise InvalidArgument(error.message, error.violations, reason=reasons.MODEL_REJECTED_INPUT) from None
+            result = await self._manager.infer(
+                pool,
+                decoded.inputs,
+                decoded.requested_outputs,
+                deadline=time.time() + max(0.0, timeout),
+                traceparent=_traceparent(),
+                timer=timer,
+            )
             with timer.measure("compute_output"):
                 limits.check_answer_bytes(result.outputs, policy, model.name)
                 try:

@@ -4,8 +4,8 @@ Started by the supervisor (``python -m services.inference.worker --read-fd R --w
 with two inherited pipes. A reader thread answers pings at once, so a long inference does not
 look like a hang; the main thread runs inferences one at a time. Model code runs here only:
 if it crashes or hangs, the supervisor replaces this process and carries on. A model that raises
-``InvalidInput`` answers INVALID_ARGUMENT with its message (cut to 512 characters); any other
-exception is INTERNAL naming only the exception type.
+``InvalidInput`` answers INVALID_ARGUMENT with its message (cut to 512 characters), a MemoryError
+RESOURCE_EXHAUSTED; any other exception is INTERNAL naming only the exception type.
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ class Worker:
                 message = clip(str(error) or "the model refused the input", MAX_MODEL_MESSAGE_CHARS)
                 log.info("worker.invalid_input", extra=fields(worker_id=self._args.worker_id, error=message))
                 self._send(ipc.Failure(call.request_id, "INVALID_ARGUMENT", message))
+                return
+            except MemoryError:  # the request asked for more than this worker could allocate
+                log.warning("worker.out_of_memory", extra=fields(worker_id=self._args.worker_id))
+                self._send(ipc.Failure(call.request_id, "RESOURCE_EXHAUSTED", "the model ran out of memory"))
                 return
             except Exception as error:
                 log.exception("worker.model_error", extra=fields(worker_id=self._args.worker_id))

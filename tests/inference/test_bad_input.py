@@ -168,6 +168,32 @@ async def test_a_python_model_refusing_its_input_is_invalid_argument(start_infer
     assert {worker.restarts for worker in await client.workers()} == {0}
 
 
+async def test_a_model_out_of_memory_is_resource_exhausted_and_the_worker_serves_on(start_inference):
+    client = await start_inference(["crashy"])
+    request = codec.make_infer_request("crashy", {"INPUT0": ("INT32", np.array([3], dtype=np.int32))})
+    error = await rpc_error(client.stub.ModelInfer(request, timeout=10))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason(error) == reasons.MODEL_OUT_OF_MEMORY
+    assert "RetryInfo" in details(error)
+    fine = codec.make_infer_request("crashy", {"INPUT0": ("INT32", np.array([7], dtype=np.int32))})
+    assert codec.response_arrays(await client.stub.ModelInfer(fine, timeout=10))["OUTPUT0"].tolist() == [7]
+    assert {worker.restarts for worker in await client.workers()} == {0}
+
+
+async def test_restart_worker_refuses_a_missing_or_long_worker_id_without_echoing_it(start_inference):
+    from inference.v1 import worker_pool_pb2 as admin_pb
+
+    client = await start_inference(["echo"])
+    empty = await rpc_error(client.admin.RestartWorker(admin_pb.RestartWorkerRequest(), timeout=5))
+    assert (empty.code(), reason(empty)) == (grpc.StatusCode.INVALID_ARGUMENT, reasons.WORKER_ID_REQUIRED)
+    long = await rpc_error(client.admin.RestartWorker(admin_pb.RestartWorkerRequest(worker_id="w" * 10_000), timeout=5))
+    assert (long.code(), reason(long)) == (grpc.StatusCode.INVALID_ARGUMENT, reasons.NAME_TOO_LONG)
+    assert "w" * 100 not in long.details()
+    unknown = await rpc_error(client.admin.RestartWorker(admin_pb.RestartWorkerRequest(worker_id="w" * 200), timeout=5))
+    assert (unknown.code(), reason(unknown)) == (grpc.StatusCode.NOT_FOUND, reasons.WORKER_NOT_FOUND)
+    assert len(unknown.details()) < 120
+
+
 @pytest.mark.parametrize("rows", [2**24, 2**50])
 async def test_zero_size_shapes_to_sum_are_refused(start_inference, rows):
     client = await start_inference(["sum"])

@@ -171,6 +171,25 @@ async def test_a_raising_model_fails_only_its_batch(start_inference):
     assert worker.pid == before.pid
 
 
+async def test_input_the_model_refuses_fails_only_its_own_request(start_inference):
+    """One member's bad input must not fail its batch mates: the batch is run again, each member alone."""
+    inference = await start_inference(["batchy"])
+    blocker = await started_blocker(inference, 0.3)
+    bad = asyncio.ensure_future(inference.stub.ModelInfer(batchy([[500.0]]), timeout=30))
+    mates = [asyncio.ensure_future(inference.stub.ModelInfer(batchy([[0.0], [0.0]]), timeout=30)) for _ in range(2)]
+    await queued(inference, 3)
+    await blocker
+    error = await rpc_error(bad)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "above 100" in error.details()
+    for mate in mates:
+        answer = codec.response_arrays(await mate)
+        assert answer["OUTPUT0"].tolist() == [[0.0], [0.0]]
+        assert answer["OUTPUT1"].tolist() == [2, 2]  # each ran on its own the second time
+    stats = await statistics(inference, "batchy")
+    assert stats.inference_stats.fail.count == 1
+
+
 async def test_a_worker_killed_mid_batch_fails_only_that_batch_and_is_replaced(start_inference):
     inference = await start_inference(["batchy"], timeout_seconds=60)
     [before] = await inference.workers("batchy")

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sklearn
+import sklearn  # type: ignore[import-untyped]
 import skops.io  # type: ignore[import-untyped]
-from sklearn.pipeline import Pipeline
+from sklearn.pipeline import Pipeline  # type: ignore[import-untyped]
 
 from services.inference.repository import ModelConfig
 from services.inference.runtimes.base import ModelError, cast_outputs, check_finite, input_policy, runtime_parameters

@@ -1,4 +1,4 @@
-"""Fails on request: INPUT0[0] == 1 raises, == 2 kills the worker process (exit code 3)."""
+"""Fails on request: INPUT0[0] == 1 raises, == 2 kills the worker process (exit code 3), == 3 runs out of memory."""
 
 import os
 
@@ -13,4 +13,6 @@ class Model:
             raise RuntimeError("model failed on purpose")
         if first == 2:
             os._exit(3)
+        if first == 3:
+            raise MemoryError
         return {"OUTPUT0": value}
