@@ -193,6 +193,7 @@ class WorkerProcess:
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
+                future.exception()  # retrieved: a request already given up leaves no warning at exit
 
     @property
     def alive(self) -> bool:
