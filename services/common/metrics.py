@@ -95,19 +95,26 @@ class ClientMetricsInterceptor(
 
     def __init__(self, registry: CollectorRegistry):
         self._metrics = _RpcMetrics("client", registry)
+        self._methods: dict[tuple[str, str], _MethodMetrics] = {}
         self._pending: set[asyncio.Task[None]] = set()
 
-    def _observe(self, details: grpc.aio.ClientCallDetails, call: Any, rpc_type: str) -> Any:
+    def _method(self, details: grpc.aio.ClientCallDetails, rpc_type: str) -> _MethodMetrics:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        service, name = split_method(method)
-        labels = (rpc_type, service, name)
-        self._metrics.started.labels(*labels).inc()
+        found = self._methods.get((method, rpc_type))
+        if found is None:
+            service, name = split_method(method)
+            found = self._methods[(method, rpc_type)] = _MethodMetrics(self._metrics, (rpc_type, service, name))
+        return found
+
+    def _observe(self, details: grpc.aio.ClientCallDetails, call: Any, rpc_type: str) -> Any:
+        """A streaming call: its status comes when the caller has read it all, so a task waits for it."""
+        series = self._method(details, rpc_type)
+        series.begin(call)
         start = time.perf_counter()
 
         async def record() -> None:
             code = await call.code()
-            self._metrics.handled.labels(*labels, code.name).inc()
-            self._metrics.seconds.labels(*labels).observe(time.perf_counter() - start)
+            series.end(None, call, code, time.perf_counter() - start)
 
         task = asyncio.get_running_loop().create_task(record())
         self._pending.add(task)
@@ -115,7 +122,18 @@ class ClientMetricsInterceptor(
         return call
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return self._observe(details, await continuation(details, request), "unary")
+        # A unary call's status is awaited here (as the OpenTelemetry interceptor does): no task per call.
+        series = self._method(details, "unary")
+        series.begin(None)
+        start = time.perf_counter()
+        try:
+            call = await continuation(details, request)
+            code = await call.code()
+        except asyncio.CancelledError:
+            series.end(None, None, grpc.StatusCode.CANCELLED, time.perf_counter() - start)
+            raise
+        series.end(None, call, code, time.perf_counter() - start)
+        return call
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return self._observe(details, await continuation(details, request), "server_stream")
