@@ -27,6 +27,8 @@ from services.inference.app import build_server as build_inference
 from services.inference.settings import InferenceSettings
 from tests.polling import eventually
 
+pytest_plugins = ["tests.stores"]  # real PostgreSQL and Redis: postgres_url, redis_server, redis_prefix
+
 REPO = Path(__file__).resolve().parent.parent
 ENV_PREFIXES = ("AUTH_", "GATEWAY_", "INFERENCE_", "OTEL_")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -11,15 +12,16 @@ from auth.v1 import auth_pb2, auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from services.auth import validation
+from services.auth.backends import Backend, configured_backend
 from services.auth.core import AuthConfig, AuthCore
 from services.auth.metrics import AuthMetrics
+from services.auth.migrations import SchemaTooNew
 from services.auth.notifier import build_notifier
 from services.auth.passwords import HashPool, PasswordHasher, PasswordPolicy, resolve_profile
 from services.auth.ratelimit import LoginLimiter
 from services.auth.servicer import AuthServicer, ClientIdentity
 from services.auth.settings import AuthSettings
-from services.auth.sqlite_store import SqliteStore
-from services.auth.store import LockoutPolicy
+from services.auth.store import LockoutPolicy, Store, StoreUnavailable
 from services.auth.tokens import KeyConfigError, KeyRing, TokenIssuer
 from services.common.errors import InvalidArgument
 from services.common.logs import fields
@@ -27,7 +29,6 @@ from services.common.server import GrpcServer
 from services.common.settings import SettingsError
 
 SERVICE = "auth"
-DATABASE_FILE = "auth.db"
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class AuthRuntime:
     """The core and what must be closed after it, in order."""
 
     core: AuthCore
+    store: Store
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -48,6 +50,13 @@ async def open_core(
     settings: AuthSettings, registry: CollectorRegistry, clock: Callable[[], float] = time.time
 ) -> AuthRuntime:
     """Open storage, keys and hashing, and build the core. Raises SettingsError for bad config."""
+    backend = configured_backend(settings)
+    if backend.shared and settings.signing_key is None and settings.signing_key_file is None:
+        # A key generated here would be this replica's alone: the others would refuse its tokens.
+        raise SettingsError(
+            "a shared store (AUTH_DATABASE_URL=postgresql://...) needs the signing key every replica shares:"
+            " set AUTH_SIGNING_KEY or AUTH_SIGNING_KEY_FILE (an Ed25519 private key in PEM)"
+        )
     try:
         keyring = KeyRing.load(
             signing_key_pem=settings.signing_key.get_secret_value() if settings.signing_key else None,
@@ -84,8 +93,7 @@ async def open_core(
     )
     log.info("auth.signing_key", extra=fields(kid=keyring.kid))
     metrics = AuthMetrics(registry)
-    store = SqliteStore(settings.data_dir / DATABASE_FILE)
-    await store.open()
+    store = await _open_store(backend)
     pool = HashPool(settings.hash_workers, settings.hash_queue_limit, observe=metrics.hash_seconds.observe)
     core = AuthCore(
         store=store,
@@ -116,7 +124,7 @@ async def open_core(
         ),
         clock=clock,
     )
-    runtime = AuthRuntime(core, [core.close, pool.close, store.close])
+    runtime = AuthRuntime(core, store, [core.close, pool.close, store.close])
     try:
         if settings.bootstrap_admin_username and settings.bootstrap_admin_password:
             created = await core.ensure_admin(
@@ -136,10 +144,43 @@ async def open_core(
     return runtime
 
 
+async def _open_store(backend: Backend) -> Store:
+    try:
+        await backend.store.open()
+    except SchemaTooNew as error:
+        raise SettingsError(str(error)) from None
+    except StoreUnavailable:
+        raise SettingsError(f"AUTH_DATABASE_URL: cannot open the store at {backend.where}") from None
+    log.info("auth.store", extra=fields(store=backend.where, shared=backend.shared))
+    return backend.store
+
+
+def watch_store(server: GrpcServer, store: Store, interval: float) -> Callable[[], Awaitable[None]]:
+    """A job that keeps readiness equal to whether the store answers (the store recovers by itself)."""
+
+    async def watch() -> None:
+        answering = True
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await store.ping()
+            except StoreUnavailable:
+                now = False
+            else:
+                now = True
+            if now != answering:
+                answering = now
+                log.warning("auth.store_readiness", extra=fields(answering=now))
+                await server.set_ready(now)
+
+    return watch
+
+
 async def build_server(settings: AuthSettings, clock: Callable[[], float] = time.time) -> GrpcServer:
     server = GrpcServer(settings, SERVICE)
     runtime = await open_core(settings, server.registry, clock)
     server.on_close(runtime.close)
+    server.after_start(watch_store(server, runtime.store, settings.database_check_interval_seconds))
     server.add_service(
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
         auth_pb2_grpc.add_AuthServiceServicer_to_server,

@@ -207,7 +207,10 @@ class AuthCore:
         if await self._store.get_user_by_username(name) is not None:
             return False
         secret = self._policy.check(password, username=name, field="AUTH_BOOTSTRAP_ADMIN_PASSWORD")
-        await self.create_user(name, address, secret, roles=(ROLE_USER, ROLE_ADMIN), reason="bootstrap_admin")
+        try:
+            await self.create_user(name, address, secret, roles=(ROLE_USER, ROLE_ADMIN), reason="bootstrap_admin")
+        except AlreadyExists:  # another replica starting at the same moment created it first
+            return False
         return True
 
     # -- login and sessions ---------------------------------------------------------------

@@ -76,6 +76,12 @@ RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 """Login: the per-IP or per-account login limit is reached; or any call that hashes a password (Register, Login,
 ChangePassword, ResetPassword): every hash thread and queue slot is taken. RetryInfo says when to retry."""
 
+# --- UNAVAILABLE ----------------------------------------------------------------------------------
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+"""Any call that reads or writes accounts, sessions or the audit log: the database cannot be reached, its
+connections are all taken (``AUTH_DATABASE_POOL_TIMEOUT_SECONDS``) or it ended the transaction (a lost
+connection, a deadlock); nothing was changed. RetryInfo says when to retry."""
+
 ALL: tuple[str, ...] = (
     FIELD_REQUIRED,
     FIELD_TOO_LONG,
@@ -102,6 +108,7 @@ ALL: tuple[str, ...] = (
     ACCOUNT_NOT_FOUND,
     ALREADY_EXISTS,
     RESOURCE_EXHAUSTED,
+    STORE_UNAVAILABLE,
 )
 """Every reason above, INVALID_ARGUMENT ones first."""
 
@@ -127,6 +134,7 @@ __all__ = [
     "RESET_TOKEN_INVALID",
     "RESOURCE_EXHAUSTED",
     "SESSION_REVOKED",
+    "STORE_UNAVAILABLE",
     "TOKEN_MALFORMED",
     "UNKNOWN_EVENT_TYPE",
     "USERNAME_INVALID",

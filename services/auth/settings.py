@@ -12,6 +12,8 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
 
+DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
 
 class AuthSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="AUTH_")
@@ -22,7 +24,38 @@ class AuthSettings(ServiceSettings):
     env: Literal["production", "development"] = Field(
         default="development", description="Where this runs; `production` refuses development-only shortcuts."
     )
-    data_dir: Path = Field(default=Path("data/auth"), description="Directory of the SQLite database and local keys.")
+    data_dir: Path = Field(
+        default=Path("data/auth"), description="Directory of the default SQLite database, generated keys and outbox."
+    )
+
+    # Storage
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="The store: `sqlite:///<path>` (relative; `sqlite:////<absolute path>`; default"
+        " `<AUTH_DATA_DIR>/auth.db`) or `postgresql://user:password@host:port/db?sslmode=...` (any libpq URL), shared"
+        " by every replica. Never logged with its password.",
+    )
+    database_pool_min_size: int = Field(default=1, ge=0, le=100, description="PostgreSQL connections kept open.")
+    database_pool_max_size: int = Field(default=10, ge=1, le=1000, description="Most PostgreSQL connections open.")
+    database_connect_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How long opening a PostgreSQL connection (and the store at start) may take.",
+    )
+    database_pool_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How long a request waits for a free PostgreSQL connection (or SQLite's write lock) before it is"
+        " answered UNAVAILABLE.",
+    )
+    database_retry_after_seconds: float = Field(
+        default=1.0, ge=0, le=300, description="The RetryInfo delay of a `STORE_UNAVAILABLE` answer."
+    )
+    database_check_interval_seconds: float = Field(
+        default=2.0, gt=0, le=300, description="How often readiness asks the store whether it answers."
+    )
 
     # Password hashing
     hash_profile: Literal["production", "development"] = Field(
@@ -87,6 +120,13 @@ class AuthSettings(ServiceSettings):
     def _networks(cls, value: list[str]) -> list[str]:
         for entry in value:
             ipaddress.ip_network(entry, strict=False)  # ValueError names the bad entry
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(DATABASE_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(DATABASE_SCHEMES)}")  # never echo the value
         return value
 
     @field_validator("login_rate_per_ip", "login_rate_per_account")

@@ -1,17 +1,20 @@
 """The SQLite implementation of :class:`~services.auth.store.Store`.
 
-One connection, used from one dedicated thread: every method runs there in its own
-transaction, so read-modify-write sequences (the lockout counter, refresh rotation, reset-token
-use) are atomic without further locking, and the event loop never blocks on disk. The audit
-events of a change are inserted in the change's transaction (:func:`_append`). WAL mode
-lets readers (backups, the operator's sqlite3 shell) work beside it. The schema is versioned:
-:data:`MIGRATIONS` are applied in order at open, each once. Parameterised queries only.
+One connection, used from one dedicated thread, so that the event loop never blocks on disk. Every
+method that writes runs in one ``BEGIN IMMEDIATE`` transaction: it takes the database's write lock
+before its first read, so a read-modify-write (the lockout counter, refresh rotation, reset-token use)
+is atomic against any other connection too (another store on the same file, another process such as
+the CLI), not only thanks to the single thread. The audit events of a change are inserted in the
+change's transaction (:func:`_append`). WAL mode lets readers (backups, the operator's sqlite3 shell)
+work beside it. The schema is versioned: ``migrations/sqlite/NNNN_*.sql`` are applied in order at open,
+each once, and a database migrated by newer code is refused. Parameterised queries only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.auth.migrations import check_not_newer, migrations
 from services.auth.store import (
     Audited,
     AuditEvent,
@@ -31,77 +35,18 @@ from services.auth.store import (
     Rotation,
     RotationOutcome,
     Session,
+    StoreUnavailable,
     User,
     UserExists,
 )
+from services.common.logs import fields
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-MIGRATIONS: tuple[str, ...] = (
-    # 1: accounts, lockout, sessions, refresh and reset tokens, audit log
-    """
-    CREATE TABLE users (
-        id TEXT PRIMARY KEY,
-        username TEXT NOT NULL UNIQUE,
-        email TEXT NOT NULL UNIQUE,
-        password_hash TEXT NOT NULL,
-        hash_scheme TEXT NOT NULL,
-        roles TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE login_failures (
-        username TEXT PRIMARY KEY,
-        failed_count INTEGER NOT NULL DEFAULT 0,
-        locked_until REAL,
-        lockouts INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY,
-        user_id TEXT NOT NULL REFERENCES users(id),
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        revoked_at REAL,
-        revoked_reason TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX sessions_user ON sessions(user_id);
-    CREATE TABLE refresh_tokens (
-        digest TEXT PRIMARY KEY,
-        session_id TEXT NOT NULL REFERENCES sessions(id),
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        rotated_at REAL
-    );
-    CREATE INDEX refresh_tokens_session ON refresh_tokens(session_id);
-    CREATE TABLE reset_tokens (
-        digest TEXT PRIMARY KEY,
-        user_id TEXT NOT NULL REFERENCES users(id),
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        used_at REAL,
-        invalidated_at REAL
-    );
-    CREATE INDEX reset_tokens_user ON reset_tokens(user_id);
-    CREATE TABLE audit_events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        event_type TEXT NOT NULL,
-        occurred_at REAL NOT NULL,
-        outcome TEXT NOT NULL,
-        user_id TEXT NOT NULL DEFAULT '',
-        username TEXT NOT NULL DEFAULT '',
-        client_ip TEXT NOT NULL DEFAULT '',
-        trace_id TEXT NOT NULL DEFAULT '',
-        reason TEXT NOT NULL DEFAULT '',
-        details TEXT NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX audit_events_user ON audit_events(user_id, id);
-    CREATE INDEX audit_events_time ON audit_events(occurred_at);
-    -- append-only: the database itself refuses changes to the audit log
-    CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
-        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
-    CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
-        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
-    """,
-)
+# Errors that say the database cannot do the work now (locked by another writer past the busy timeout,
+# disk full or failing), not that the statement is wrong.
+_UNAVAILABLE = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"})
 
 
 def _user(row: sqlite3.Row | None) -> User | None:
@@ -145,61 +90,91 @@ def _lock(row: sqlite3.Row | None, *, just_locked: bool = False) -> LockState:
 class SqliteStore:
     """Auth storage in one SQLite file (WAL)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, busy_timeout_seconds: float = 5.0, retry_after_seconds: float = 1.0):
         self._path = path
+        self._busy_timeout_ms = int(busy_timeout_seconds * 1000)
+        self._retry_after = retry_after_seconds
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auth-sqlite")
         self._db: sqlite3.Connection | None = None
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one transaction on the database thread."""
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """Run ``fn`` on the database thread: in one write transaction, or (``write=False``) as plain reads."""
 
         def transaction() -> T:
-            if self._db is None:
+            db = self._db
+            if db is None:
                 raise RuntimeError("the store is not open")
-            with self._db:  # commit, or roll back on error
-                return fn(self._db)
+            if not write:
+                return fn(db)
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: no other writer between our read and write
+            try:
+                result = fn(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, transaction)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, transaction)
+        except sqlite3.OperationalError as error:
+            if _errorname(error) not in _UNAVAILABLE:
+                raise
+            log.warning("auth.store_unavailable", extra=fields(store="sqlite", error=_errorname(error)))
+            raise StoreUnavailable(self._retry_after) from None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
         def connect() -> None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: _run opens and ends each transaction itself.
             db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms:d}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.isolation_level = "DEFERRED"
+            try:
+                self._migrate(db, str(self._path))
+            except BaseException:
+                db.close()
+                raise
             self._db = db
-            self._migrate(db)
 
         await asyncio.get_running_loop().run_in_executor(self._executor, connect)
 
     @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        with db:
+    def _migrate(db: sqlite3.Connection, where: str) -> None:
+        """Apply the missing migrations, all in one write transaction (two processes opening the same new file
+        at once: the second waits for the first, then finds nothing left to do)."""
+        known = migrations("sqlite")
+        db.execute("BEGIN IMMEDIATE")
+        try:
             db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
-        current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
-        for version, script in enumerate(MIGRATIONS, start=1):
-            if version <= current:
-                continue
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _statements(script):
+            current = int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
+            check_not_newer(current, known, where)
+            for migration in known[current:]:
+                for statement in _statements(migration.script):
                     db.execute(statement)
                 db.execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))", (version,)
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))",
+                    (migration.version,),
                 )
-                db.execute("COMMIT")
-            except BaseException:
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
                 db.execute("ROLLBACK")
-                raise
+            raise
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone(), write=False)
 
     async def schema_version(self) -> int:
-        return await self._run(lambda db: int(db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]))
+        return await self._run(
+            lambda db: int(db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]), write=False
+        )
 
     async def close(self) -> None:
         def disconnect() -> None:
@@ -236,20 +211,24 @@ class SqliteStore:
 
     async def get_user_by_username(self, username: str) -> User | None:
         return await self._run(
-            lambda db: _user(db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone())
+            lambda db: _user(db.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()), write=False
         )
 
     async def get_user_by_id(self, user_id: str) -> User | None:
-        return await self._run(lambda db: _user(db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()))
+        return await self._run(
+            lambda db: _user(db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()), write=False
+        )
 
     async def get_user_by_email(self, email: str) -> User | None:
-        return await self._run(lambda db: _user(db.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()))
+        return await self._run(
+            lambda db: _user(db.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()), write=False
+        )
 
     async def list_users(self) -> list[User]:
         def select(db: sqlite3.Connection) -> list[User]:
             return [user for row in db.execute("SELECT * FROM users ORDER BY created_at") if (user := _user(row))]
 
-        return await self._run(select)
+        return await self._run(select, write=False)
 
     async def set_password_hash(
         self,
@@ -301,13 +280,14 @@ class SqliteStore:
                 row[0]: row[1] for row in db.execute("SELECT hash_scheme, COUNT(*) FROM users GROUP BY hash_scheme")
             }
 
-        return await self._run(count)
+        return await self._run(count, write=False)
 
     # -- lockout --------------------------------------------------------------------------
 
     async def get_lock(self, username: str) -> LockState:
         return await self._run(
-            lambda db: _lock(db.execute("SELECT * FROM login_failures WHERE username = ?", (username,)).fetchone())
+            lambda db: _lock(db.execute("SELECT * FROM login_failures WHERE username = ?", (username,)).fetchone()),
+            write=False,
         )
 
     async def record_login_failure(
@@ -345,7 +325,8 @@ class SqliteStore:
 
     async def get_session(self, session_id: str) -> Session | None:
         return await self._run(
-            lambda db: _session(db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone())
+            lambda db: _session(db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()),
+            write=False,
         )
 
     async def revoke_session(
@@ -399,7 +380,7 @@ class SqliteStore:
                 return None
             return ResetToken(row["digest"], row["user_id"], row["created_at"], row["expires_at"])
 
-        return await self._run(select)
+        return await self._run(select, write=False)
 
     async def complete_reset(
         self, digest: str, password_hash: str, scheme: str, now: float, audit: AuditOf[int] | None = None
@@ -467,29 +448,22 @@ class SqliteStore:
                 for row in db.execute(sql, params)
             ]
 
-        return await self._run(select)
+        return await self._run(select, write=False)
 
 
 def _count_failure(db: sqlite3.Connection, username: str, now: float, policy: LockoutPolicy) -> LockState:
-    """Count one failed login of ``username``, locking it at the threshold; the new state."""
+    """Count one failed login of ``username`` (the write lock is held), locking it at the threshold; the new state."""
     state = _lock(db.execute("SELECT * FROM login_failures WHERE username = ?", (username,)).fetchone())
-    if state.locked(now):
+    after = policy.after_failure(state, now)
+    if after is None:
         return state  # already locked: a parallel attempt got there first; do not count past it
-    failed = state.failed_count + 1
-    if state.locked_until is not None:  # an expired lockout: count afresh
-        failed = 1
-    locked_until: float | None = None
-    lockouts = state.lockouts
-    if failed >= policy.threshold:
-        locked_until = now + policy.duration(state.lockouts)
-        lockouts += 1
     db.execute(
         "INSERT INTO login_failures (username, failed_count, locked_until, lockouts) VALUES (?, ?, ?, ?)"
         " ON CONFLICT(username) DO UPDATE SET failed_count = excluded.failed_count,"
         " locked_until = excluded.locked_until, lockouts = excluded.lockouts",
-        (username, failed, locked_until, lockouts),
+        (username, after.failed_count, after.locked_until, after.lockouts),
     )
-    return LockState(failed, locked_until, lockouts, just_locked=locked_until is not None)
+    return after
 
 
 def _rotate(db: sqlite3.Connection, digest: str, new: RefreshToken, now: float) -> Rotation:
@@ -532,6 +506,11 @@ def _insert_refresh(db: sqlite3.Connection, token: RefreshToken) -> None:
         "INSERT INTO refresh_tokens (digest, session_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
         (token.digest, token.session_id, token.created_at, token.expires_at),
     )
+
+
+def _errorname(error: sqlite3.OperationalError) -> str:
+    """The primary SQLite result code's name (SQLITE_IOERR for SQLITE_IOERR_WRITE, ...)."""
+    return "_".join(getattr(error, "sqlite_errorname", "SQLITE_ERROR").split("_")[:2])
 
 
 def _statements(script: str) -> list[str]:

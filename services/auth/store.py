@@ -1,9 +1,15 @@
 """What the auth core keeps, and the interface of the storage that keeps it.
 
-The core talks to :class:`Store` only; :mod:`services.auth.sqlite_store` implements it on
-SQLite (the embedded default) and a PostgreSQL backend can implement it later. Every method
-that changes more than one row is atomic: the lockout counter, refresh-token rotation and
-reset-token use must hold under concurrent requests.
+The core talks to :class:`Store` only; :mod:`services.auth.sqlite_store` implements it on SQLite
+(the embedded default) and :mod:`services.auth.postgres_store` on PostgreSQL (shared by any number of
+replicas). Every read-modify-write is one transaction that holds under concurrent callers in other
+threads, processes and replicas: the lockout counter, refresh-token rotation, a password change or
+reset with the revocation of sessions, reset-token use and registration of a unique name.
+tests/auth/test_store_contract.py holds both backends to the same behaviour.
+
+A store that cannot do its work (unreachable, out of connections, a transaction the database ended)
+raises :class:`StoreUnavailable`, an UNAVAILABLE with RetryInfo: nothing was changed, and the caller
+may retry.
 
 A change and the audit event that records it commit together: each method that changes state takes
 its ``audit`` event(s) and appends them in the same transaction, so a crash or a refused audit insert
@@ -21,6 +27,9 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeAlias, TypeVar
+
+from services.auth import reasons
+from services.common.errors import Unavailable
 
 T = TypeVar("T")
 
@@ -57,6 +66,16 @@ class LockoutPolicy:
 
     def duration(self, previous_lockouts: int) -> float:
         return float(min(self.base_seconds * (2 ** min(previous_lockouts, 32)), self.max_seconds))
+
+    def after_failure(self, state: LockState, now: float) -> LockState | None:
+        """The state one more failed login leaves, or None while ``state`` is locked (a parallel failure
+        locked it first: nothing is counted past a lock). Stores call this under the row's write lock."""
+        if state.locked(now):
+            return None
+        failed = 1 if state.locked_until is not None else state.failed_count + 1  # an expired lock counts afresh
+        if failed < self.threshold:
+            return LockState(failed, None, state.lockouts)
+        return LockState(failed, now + self.duration(state.lockouts), state.lockouts + 1, just_locked=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +162,29 @@ class UserExists(Exception):
     """The username or e-mail address is already registered."""
 
 
+class StoreUnavailable(Unavailable):
+    """The store could not do the work (unreachable, no free connection, the transaction was ended by the
+    database); nothing was changed. The message is safe to show: it never holds the database's address."""
+
+    reason = reasons.STORE_UNAVAILABLE
+
+    def __init__(self, retry_after_seconds: float):
+        super().__init__(
+            "the account store is unavailable, retry later",
+            reason=reasons.STORE_UNAVAILABLE,
+            retry_after_seconds=retry_after_seconds,
+        )
+
+
 class Store(Protocol):
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (SchemaTooNew if it is beyond this code's)."""
+        ...
+
     async def close(self) -> None: ...
+    async def ping(self) -> None:
+        """Return if the store answers now, else raise StoreUnavailable (readiness)."""
+        ...
 
     # users
     async def create_user(self, user: User, audit: AuditEvent | None = None) -> int:

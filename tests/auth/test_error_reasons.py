@@ -243,7 +243,8 @@ async def test_login_limits_name_their_reason(start_auth):
 
 
 def test_every_documented_auth_reason_has_a_case():
-    covered = {param.values[0] for param in CASES} | {reasons.RESOURCE_EXHAUSTED}  # the rate limit: its own test
+    # the rate limit and a store outage: tests of their own (above, and tests/auth/test_postgres_outage.py)
+    covered = {param.values[0] for param in CASES} | {reasons.RESOURCE_EXHAUSTED, reasons.STORE_UNAVAILABLE}
     assert covered == {reason for reason, _ in documented()["auth"]}
 
 
