@@ -163,6 +163,11 @@ def postgres_url(postgres: Postgres) -> Iterator[str]:
 class Redis:
     url: str  # redis://... or redis+unix://...
     client: redis.Redis
+    socket: str = ""  # a private server's Unix socket
+
+    def target(self) -> tuple[str, int]:
+        """Where a TcpProxy reaches this server."""
+        return (self.socket, 0) if self.socket else ("127.0.0.1", 6379)
 
     def delete_prefix(self, prefix: str) -> None:
         keys = list(self.client.scan_iter(match=f"{prefix}*", count=1000))
@@ -205,7 +210,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
         client = redis.Redis(unix_socket_path=str(workdir / "redis.sock"))
         try:
             _wait_for_redis(client, process)
-            yield Redis(url, client)
+            yield Redis(url, client, str(workdir / "redis.sock"))
         finally:
             client.close()
             process.terminate()

@@ -51,6 +51,7 @@ async def open_core(
 ) -> AuthRuntime:
     """Open storage, keys and hashing, and build the core. Raises SettingsError for bad config."""
     backend = configured_backend(settings)
+    metrics = AuthMetrics(registry)
     if backend.shared and settings.signing_key is None and settings.signing_key_file is None:
         # A key generated here would be this replica's alone: the others would refuse its tokens.
         raise SettingsError(
@@ -69,7 +70,13 @@ async def open_core(
             per_ip=settings.login_rate_per_ip,
             per_account=settings.login_rate_per_account,
             storage_uri=settings.rate_limit_storage_uri,
+            key_prefix=settings.rate_limit_key_prefix,
+            timeout_seconds=settings.rate_limit_storage_timeout_seconds,
+            retry_seconds=settings.rate_limit_storage_retry_seconds,
+            on_shared_change=lambda shared: metrics.rate_limit_shared.set(1 if shared else 0),
+            on_storage_error=metrics.rate_limit_storage_errors.inc,
         )
+        metrics.rate_limit_shared.set(1 if limiter.shared else 0)
     except KeyConfigError as error:
         raise SettingsError(str(error)) from None
     except ValueError as error:  # the limits library refuses the storage URI
@@ -92,7 +99,6 @@ async def open_core(
         ),
     )
     log.info("auth.signing_key", extra=fields(kid=keyring.kid))
-    metrics = AuthMetrics(registry)
     store = await _open_store(backend)
     pool = HashPool(settings.hash_workers, settings.hash_queue_limit, observe=metrics.hash_seconds.observe)
     core = AuthCore(
@@ -124,7 +130,7 @@ async def open_core(
         ),
         clock=clock,
     )
-    runtime = AuthRuntime(core, store, [core.close, pool.close, store.close])
+    runtime = AuthRuntime(core, store, [core.close, pool.close, limiter.close, store.close])
     try:
         if settings.bootstrap_admin_username and settings.bootstrap_admin_password:
             created = await core.ensure_admin(

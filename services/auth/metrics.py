@@ -21,6 +21,16 @@ class AuthMetrics:
             ["scope"],
             registry=registry,
         )
+        self.rate_limit_shared = Gauge(
+            "auth_rate_limit_shared",
+            "1 while login limits are counted in the shared storage (Redis), 0 while this replica counts alone.",
+            registry=registry,
+        )
+        self.rate_limit_storage_errors = Counter(
+            "auth_rate_limit_storage_errors_total",
+            "Login-limit checks the shared storage did not answer (counted in this process instead).",
+            registry=registry,
+        )
         self.lockouts = Counter(
             "auth_lockouts_total", "Accounts locked after repeated failed logins.", registry=registry
         )

@@ -84,7 +84,23 @@ class AuthSettings(ServiceSettings):
     # Abuse protection
     login_rate_per_ip: str = Field(default="30/minute", description="Login attempts allowed per client IP.")
     login_rate_per_account: str = Field(default="10/minute", description="Login attempts allowed per username.")
-    rate_limit_storage_uri: str = Field(default="memory://", description="`limits` storage (e.g. redis://host:6379).")
+    rate_limit_storage_uri: str = Field(
+        default="memory://",
+        description="Where login attempts are counted: `memory://` (this process) or `redis://host:6379/N` (also"
+        " `rediss://`, `redis+unix://`), shared by every replica.",
+    )
+    rate_limit_key_prefix: str = Field(
+        default="ml-platform-auth", min_length=1, description="Prefix of the limits' keys in Redis."
+    )
+    rate_limit_storage_timeout_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=30,
+        description="How long a login waits for Redis before it counts the attempt in this process instead.",
+    )
+    rate_limit_storage_retry_seconds: float = Field(
+        default=5.0, gt=0, le=3600, description="While Redis fails, how often it is tried again."
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list, description="Peer IPs (JSON list) whose x-forwarded-for is believed (the gateway)."
     )
