@@ -5,6 +5,8 @@ python -m services.auth create-user NAME --email ADDRESS [--admin]
                                               (password from AUTH_NEW_USER_PASSWORD, else prompted)
 python -m services.auth import-users FILE     JSON lines: username, email, hash, roles
 python -m services.auth wrap-legacy           argon2id-wrap every legacy SHA-256 hash at rest
+python -m services.auth copy-store --to URL [--into-non-empty]
+                                              copy every account, session, lock and audit event into URL's store
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def main(argv: list[str]) -> int:
     load = commands.add_parser("import-users", help="import accounts (legacy hashes welcome) from JSON lines")
     load.add_argument("file")
     commands.add_parser("wrap-legacy", help="wrap every legacy SHA-256 hash at rest in argon2id")
+    copy = commands.add_parser("copy-store", help="copy the configured store into another (e.g. SQLite -> PostgreSQL)")
+    copy.add_argument("--to", required=True, help="the target's database URL (postgresql://... or sqlite:///...)")
+    copy.add_argument(
+        "--into-non-empty", action="store_true", help="copy into a store that has rows: add the missing ones"
+    )
     args = parser.parse_args(argv)
     if args.command in (None, "serve"):
         return run(SERVICE, AuthSettings, build_server)

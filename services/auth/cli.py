@@ -1,4 +1,4 @@
-"""The maintenance commands of ``python -m services.auth`` (create-user, import-users, wrap-legacy)."""
+"""The maintenance commands of ``python -m services.auth`` (create-user, import-users, wrap-legacy, copy-store)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from prometheus_client import CollectorRegistry
 
 from services.auth import validation
 from services.auth.app import SERVICE, open_core
+from services.auth.backends import backend_for, configured_backend
 from services.auth.core import ROLE_ADMIN, ROLE_USER, AuthCore
 from services.auth.settings import AuthSettings
-from services.auth.store import User, UserExists
+from services.auth.store import TABLES, Store, StoreUnavailable, User, UserExists
 from services.common.errors import ServiceError
 from services.common.logs import configure_logging
 from services.common.settings import SettingsError, load_settings
@@ -88,9 +89,56 @@ async def _import_users(core: AuthCore, path: Path) -> int:
     return 0 if skipped == 0 else 1
 
 
+async def _copy_store(settings: AuthSettings, target_url: str, *, into_non_empty: bool) -> int:
+    """Copy every row of the configured store into ``target_url``'s (migrated first); verified counts."""
+    source, target = configured_backend(settings), backend_for(target_url, settings)
+    if source.where == target.where:
+        raise SettingsError("copy-store: the target is the configured store itself")
+    opened: list[Store] = []
+    try:
+        for backend in (source, target):
+            try:
+                await backend.store.open()
+            except StoreUnavailable:
+                raise SettingsError(f"copy-store: cannot open {backend.where}") from None
+            opened.append(backend.store)
+        before = await target.store.count_rows()
+        if any(before.values()) and not into_non_empty:
+            raise SettingsError(
+                f"copy-store: {target.where} is not empty ({_counts(before)}); --into-non-empty adds the rows it"
+                " lacks and keeps the rest"
+            )
+        rows = await source.store.dump()
+        added = await target.store.load(rows)
+        after = await target.store.count_rows()
+    finally:
+        for store in opened:
+            await store.close()
+    _say(f"copied {source.where} -> {target.where}")
+    short = []
+    for table in TABLES:
+        expected = len(rows[table]) if not any(before.values()) else before[table] + added[table]
+        ok = after[table] == expected and after[table] >= len(rows[table])
+        _say(
+            f"  {table:<15} source {len(rows[table]):>8}  copied {added[table]:>8}  target {after[table]:>8}  {'ok' if ok else 'MISMATCH'}"
+        )
+        if not ok:
+            short.append(table)
+    if short:
+        print(f"{SERVICE}: copy-store: row counts do not match for {', '.join(short)}", file=sys.stderr)  # noqa: T201
+        return 1
+    return 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{table} {count}" for table, count in counts.items() if count)
+
+
 async def _main(args: argparse.Namespace) -> int:
     settings = load_settings(AuthSettings)
     configure_logging(SERVICE, settings.log_level, settings.log_format)
+    if args.command == "copy-store":
+        return await _copy_store(settings, args.to, into_non_empty=args.into_non_empty)
     runtime = await open_core(settings, CollectorRegistry())
     try:
         if args.command == "create-user":

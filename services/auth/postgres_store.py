@@ -38,6 +38,7 @@ from psycopg.types.json import Jsonb
 
 from services.auth.migrations import check_not_newer, migrations
 from services.auth.store import (
+    TABLES,
     Audited,
     AuditEvent,
     AuditOf,
@@ -48,6 +49,7 @@ from services.auth.store import (
     ResetToken,
     Rotation,
     RotationOutcome,
+    Rows,
     Session,
     StoreUnavailable,
     User,
@@ -481,6 +483,60 @@ class PostgresStore:
             return [_audit_event(row) for row in await cursor.fetchall()]
 
         return await self._run(select)
+
+    # -- copy-store -----------------------------------------------------------------------
+
+    async def count_rows(self) -> dict[str, int]:
+        async def count(cursor: Cursor) -> dict[str, int]:
+            counts = {}
+            for table in TABLES:
+                await cursor.execute(sql.SQL("SELECT COUNT(*) AS n FROM {}").format(sql.Identifier(table)))
+                counts[table] = int((await _one(cursor))["n"])
+            return counts
+
+        return await self._run(count)
+
+    async def dump(self) -> Rows:
+        async def select(cursor: Cursor) -> Rows:
+            await cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot of every table
+            rows: Rows = {}
+            for table, columns in TABLES.items():
+                await cursor.execute(
+                    sql.SQL("SELECT {} FROM {}").format(
+                        sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(table)
+                    )
+                )
+                rows[table] = [tuple(row[name] for name in columns) for row in await cursor.fetchall()]
+            return rows
+
+        return await self._run(select)
+
+    async def load(self, rows: Rows) -> dict[str, int]:
+        async def insert(cursor: Cursor) -> dict[str, int]:
+            added: dict[str, int] = {}
+            for table, columns in TABLES.items():
+                statement = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
+                    sql.Identifier(table),
+                    sql.SQL(", ").join(map(sql.Identifier, columns)),
+                    sql.SQL(", ").join(sql.Placeholder() for _ in columns),
+                )
+                values = [
+                    [
+                        Jsonb(value) if name in ("roles", "details") else value
+                        for name, value in zip(columns, row, strict=True)
+                    ]
+                    for row in rows.get(table, [])
+                ]
+                await cursor.executemany(statement, values)
+                added[table] = max(0, cursor.rowcount) if values else 0
+            # explicit ids leave the identity behind: new events must number after the copied ones
+            await cursor.execute(
+                "SELECT setval(pg_get_serial_sequence('audit_events', 'id'), GREATEST(COALESCE(MAX(id), 0), 1),"
+                " MAX(id) IS NOT NULL) FROM audit_events"
+            )
+            return added
+
+        return await self._run(insert)
 
 
 def _audit_event(row: DictRow) -> AuditEvent:

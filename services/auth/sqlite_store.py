@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from services.auth.migrations import check_not_newer, migrations
 from services.auth.store import (
+    TABLES,
     Audited,
     AuditEvent,
     AuditOf,
@@ -34,6 +35,7 @@ from services.auth.store import (
     ResetToken,
     Rotation,
     RotationOutcome,
+    Rows,
     Session,
     StoreUnavailable,
     User,
@@ -449,6 +451,51 @@ class SqliteStore:
             ]
 
         return await self._run(select, write=False)
+
+    # -- copy-store -----------------------------------------------------------------------
+
+    async def count_rows(self) -> dict[str, int]:
+        def count(db: sqlite3.Connection) -> dict[str, int]:
+            return {table: int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]) for table in TABLES}  # noqa: S608  (fixed names)
+
+        return await self._run(count)
+
+    async def dump(self) -> Rows:
+        def select(db: sqlite3.Connection) -> Rows:
+            return {
+                table: [_row_out(columns, row) for row in db.execute(f"SELECT {', '.join(columns)} FROM {table}")]  # noqa: S608  (fixed names)
+                for table, columns in TABLES.items()
+            }
+
+        return await self._run(select)  # a write transaction: one consistent snapshot
+
+    async def load(self, rows: Rows) -> dict[str, int]:
+        def insert(db: sqlite3.Connection) -> dict[str, int]:
+            added: dict[str, int] = {}
+            for table, columns in TABLES.items():
+                statement = (
+                    f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"  # noqa: S608  (fixed names)
+                )
+                before = db.total_changes
+                db.executemany(statement, [_row_in(columns, row) for row in rows.get(table, [])])
+                added[table] = db.total_changes - before
+            return added
+
+        return await self._run(insert)
+
+
+_JSON_COLUMNS = frozenset({"roles", "details"})
+
+
+def _row_out(columns: tuple[str, ...], row: sqlite3.Row) -> tuple[object, ...]:
+    return tuple(json.loads(row[name]) if name in _JSON_COLUMNS else row[name] for name in columns)
+
+
+def _row_in(columns: tuple[str, ...], row: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(
+        json.dumps(value, sort_keys=True) if name in _JSON_COLUMNS else value
+        for name, value in zip(columns, row, strict=True)
+    )
 
 
 def _count_failure(db: sqlite3.Connection, username: str, now: float, policy: LockoutPolicy) -> LockState:

@@ -158,6 +158,31 @@ class Audited(Generic[T]):
     events: tuple[AuditEvent, ...] = ()
 
 
+TABLES: dict[str, tuple[str, ...]] = {
+    "users": ("id", "username", "email", "password_hash", "hash_scheme", "roles", "created_at"),
+    "login_failures": ("username", "failed_count", "locked_until", "lockouts"),
+    "sessions": ("id", "user_id", "created_at", "expires_at", "revoked_at", "revoked_reason"),
+    "refresh_tokens": ("digest", "session_id", "created_at", "expires_at", "rotated_at"),
+    "reset_tokens": ("digest", "user_id", "created_at", "expires_at", "used_at", "invalidated_at"),
+    "audit_events": (
+        "id",
+        "event_type",
+        "occurred_at",
+        "outcome",
+        "user_id",
+        "username",
+        "client_ip",
+        "trace_id",
+        "reason",
+        "details",
+    ),
+}
+"""Every table a store keeps and its columns, in the order foreign keys need (copy-store)."""
+
+Rows: TypeAlias = dict[str, list[tuple[object, ...]]]
+"""Rows per table of :data:`TABLES`, columns in its order; ``roles`` a list, ``details`` a dict, whatever the dialect."""
+
+
 class UserExists(Exception):
     """The username or e-mail address is already registered."""
 
@@ -276,3 +301,13 @@ class Store(Protocol):
         ...
 
     async def list_audit(self, query: AuditQuery) -> list[AuditEvent]: ...
+
+    # moving between stores (copy-store)
+    async def count_rows(self) -> dict[str, int]: ...
+    async def dump(self) -> Rows:
+        """Every row of every table, read in one transaction."""
+        ...
+
+    async def load(self, rows: Rows) -> dict[str, int]:
+        """Insert ``rows`` in one transaction, skipping rows whose key is already there; how many were new."""
+        ...
