@@ -111,14 +111,14 @@ class Worker:
                 log.info("worker.invalid_input", extra=fields(worker_id=self._args.worker_id, error=message))
                 self._send(ipc.Failure(call.request_id, "INVALID_ARGUMENT", message))
                 return
-            except MemoryError:  # the request asked for more than this worker could allocate
-                log.warning("worker.out_of_memory", extra=fields(worker_id=self._args.worker_id))
-                self._send(ipc.Failure(call.request_id, "RESOURCE_EXHAUSTED", "the model ran out of memory"))
-                return
             except Exception as error:
+                cause = error.__cause__ or error  # runtimes wrap model code's exceptions in ModelError
+                if isinstance(cause, MemoryError):  # the request asked for more than this worker could allocate
+                    log.warning("worker.out_of_memory", extra=fields(worker_id=self._args.worker_id))
+                    self._send(ipc.Failure(call.request_id, "RESOURCE_EXHAUSTED", "the model ran out of memory"))
+                    return
                 log.exception("worker.model_error", extra=fields(worker_id=self._args.worker_id))
                 span.record_exception(error)
-                cause = error.__cause__ or error  # runtimes wrap model code's exceptions in ModelError
                 self._send(ipc.Failure(call.request_id, "INTERNAL", f"the model raised {type(cause).__name__}"))
                 return
             inferred = time.perf_counter_ns()

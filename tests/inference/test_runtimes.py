@@ -301,7 +301,9 @@ def test_crashy_fails_on_request():
     np.testing.assert_array_equal(runtime.predict({"INPUT0": np.array([0, 7], dtype=np.int32)})["OUTPUT0"], [0, 7])
     with pytest.raises(ModelError, match="RuntimeError: model failed on purpose"):
         runtime.predict({"INPUT0": np.array([1], dtype=np.int32)})
-    np.testing.assert_array_equal(runtime.predict({"INPUT0": np.array([3], dtype=np.int32)})["OUTPUT0"], [3])
+    np.testing.assert_array_equal(runtime.predict({"INPUT0": np.array([4], dtype=np.int32)})["OUTPUT0"], [4])
+    with pytest.raises(ModelError, match="MemoryError"):
+        runtime.predict({"INPUT0": np.array([3], dtype=np.int32)})
 
 
 def test_crashy_kills_its_process_with_exit_code_3():
