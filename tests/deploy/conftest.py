@@ -31,7 +31,7 @@ PREFIXES = {"gateway": "GATEWAY_", "auth": "AUTH_", "inference": "INFERENCE_"}
 # The Kubernetes version every rendered object is validated against (kubernetes-validate's schemas).
 KUBERNETES_VERSION = "1.34.0"
 # Environment names the manifests set for a coming feature: no settings field reads them yet.
-NOT_YET_READ = {"AUTH_DATABASE_URL"}
+NOT_YET_READ: set[str] = set()  # AUTH_DATABASE_URL is read since issue 14
 
 # name on disk -> the pinned package that provides it (keep in step with the Makefile / CI).
 TOOLS = {
