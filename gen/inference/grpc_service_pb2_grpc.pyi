@@ -5,9 +5,10 @@ The Open Inference Protocol (KServe "V2") over gRPC, wire-compatible with
 Triton Inference Server's grpc_service.proto and the tritonclient package.
 Package, service, message names and field numbers are fixed by that protocol
 (method paths are /inference.GRPCInferenceService/<Rpc>): do not rename or
-renumber anything here. Of Triton's own extensions, ModelConfig and
-ModelStatistics are served (their messages as in Triton's grpc_service.proto and
-model_config.proto); shared memory, trace and log settings are not part of this file.
+renumber anything here. Of Triton's own extensions, ModelConfig, ModelStatistics
+and system shared memory are served (their messages as in Triton's grpc_service.proto
+and model_config.proto); the CUDA shared-memory methods answer as a Triton server
+without GPUs does; trace and log settings are not part of this file.
 """
 
 from collections import abc as _abc
@@ -68,6 +69,22 @@ class GRPCInferenceServiceStub:
     """RepositoryModelLoad loads (or reloads) a model from a repository."""
     RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]
     """RepositoryModelUnload unloads a model."""
+    SystemSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryStatusRequest, _grpc_service_pb2.SystemSharedMemoryStatusResponse]
+    """SystemSharedMemoryStatus lists the registered system shared-memory regions (Triton's
+    "system_shared_memory" extension).
+    """
+    SystemSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryRegisterRequest, _grpc_service_pb2.SystemSharedMemoryRegisterResponse]
+    """SystemSharedMemoryRegister registers a region of a POSIX shared-memory object that inputs
+    and outputs of inference requests may then name.
+    """
+    SystemSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryUnregisterRequest, _grpc_service_pb2.SystemSharedMemoryUnregisterResponse]
+    """SystemSharedMemoryUnregister unregisters one region, or all of them."""
+    CudaSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryStatusRequest, _grpc_service_pb2.CudaSharedMemoryStatusResponse]
+    """CudaSharedMemoryStatus lists the registered CUDA shared-memory regions (none: no GPUs)."""
+    CudaSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryRegisterRequest, _grpc_service_pb2.CudaSharedMemoryRegisterResponse]
+    """CudaSharedMemoryRegister registers a CUDA IPC region (refused: no GPUs)."""
+    CudaSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryUnregisterRequest, _grpc_service_pb2.CudaSharedMemoryUnregisterResponse]
+    """CudaSharedMemoryUnregister unregisters one CUDA region, or all of them (there are none)."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -102,6 +119,22 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """RepositoryModelLoad loads (or reloads) a model from a repository."""
     RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
     """RepositoryModelUnload unloads a model."""
+    SystemSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryStatusRequest, _grpc_service_pb2.SystemSharedMemoryStatusResponse]  # type: ignore[assignment]
+    """SystemSharedMemoryStatus lists the registered system shared-memory regions (Triton's
+    "system_shared_memory" extension).
+    """
+    SystemSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryRegisterRequest, _grpc_service_pb2.SystemSharedMemoryRegisterResponse]  # type: ignore[assignment]
+    """SystemSharedMemoryRegister registers a region of a POSIX shared-memory object that inputs
+    and outputs of inference requests may then name.
+    """
+    SystemSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryUnregisterRequest, _grpc_service_pb2.SystemSharedMemoryUnregisterResponse]  # type: ignore[assignment]
+    """SystemSharedMemoryUnregister unregisters one region, or all of them."""
+    CudaSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryStatusRequest, _grpc_service_pb2.CudaSharedMemoryStatusResponse]  # type: ignore[assignment]
+    """CudaSharedMemoryStatus lists the registered CUDA shared-memory regions (none: no GPUs)."""
+    CudaSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryRegisterRequest, _grpc_service_pb2.CudaSharedMemoryRegisterResponse]  # type: ignore[assignment]
+    """CudaSharedMemoryRegister registers a CUDA IPC region (refused: no GPUs)."""
+    CudaSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryUnregisterRequest, _grpc_service_pb2.CudaSharedMemoryUnregisterResponse]  # type: ignore[assignment]
+    """CudaSharedMemoryUnregister unregisters one CUDA region, or all of them (there are none)."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """GRPCInferenceService is the inference server's data plane and model repository API."""
@@ -205,5 +238,57 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelUnloadResponse]]:
         """RepositoryModelUnload unloads a model."""
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryStatus(
+        self,
+        request: _grpc_service_pb2.SystemSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.SystemSharedMemoryStatusResponse, _abc.Awaitable[_grpc_service_pb2.SystemSharedMemoryStatusResponse]]:
+        """SystemSharedMemoryStatus lists the registered system shared-memory regions (Triton's
+        "system_shared_memory" extension).
+        """
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryRegister(
+        self,
+        request: _grpc_service_pb2.SystemSharedMemoryRegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.SystemSharedMemoryRegisterResponse, _abc.Awaitable[_grpc_service_pb2.SystemSharedMemoryRegisterResponse]]:
+        """SystemSharedMemoryRegister registers a region of a POSIX shared-memory object that inputs
+        and outputs of inference requests may then name.
+        """
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryUnregister(
+        self,
+        request: _grpc_service_pb2.SystemSharedMemoryUnregisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.SystemSharedMemoryUnregisterResponse, _abc.Awaitable[_grpc_service_pb2.SystemSharedMemoryUnregisterResponse]]:
+        """SystemSharedMemoryUnregister unregisters one region, or all of them."""
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryStatus(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryStatusResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryStatusResponse]]:
+        """CudaSharedMemoryStatus lists the registered CUDA shared-memory regions (none: no GPUs)."""
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryRegister(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryRegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryRegisterResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryRegisterResponse]]:
+        """CudaSharedMemoryRegister registers a CUDA IPC region (refused: no GPUs)."""
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryUnregister(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryUnregisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryUnregisterResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryUnregisterResponse]]:
+        """CudaSharedMemoryUnregister unregisters one CUDA region, or all of them (there are none)."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

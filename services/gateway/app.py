@@ -6,9 +6,10 @@ from auth.v1 import auth_pb2, auth_pb2_grpc
 from gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from inference import grpc_service_pb2
 
+from services.common.errors import FailedPrecondition
 from services.common.server import GrpcServer
 from services.gateway.access import Access, TokenValidator
-from services.gateway.forwarding import Upstream, forwarding_handler
+from services.gateway.forwarding import Upstream, forwarding_handler, refusing_handler
 from services.gateway.monitor import UpstreamMonitor
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -43,6 +44,26 @@ INFERENCE_ACCESS = {
     "RepositoryModelLoad": Access.ADMIN,
     "RepositoryModelUnload": Access.ADMIN,
 }
+
+# Triton's shared memory needs the client on the inference service's host: answered here, never forwarded.
+SHARED_MEMORY_METHODS = (
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+)
+SHARED_MEMORY_NOT_LOCAL = "SHARED_MEMORY_NOT_LOCAL"
+
+
+def _shared_memory_refused() -> FailedPrecondition:
+    return FailedPrecondition(
+        "shared memory needs a client on the same host as the inference service: the gateway does not forward "
+        "the shared memory methods; call the inference service directly",
+        reason=SHARED_MEMORY_NOT_LOCAL,
+    )
+
 
 _INFERENCE = "inference.GRPCInferenceService"
 AUTH_IDEMPOTENT = [("auth.v1.AuthService", "ValidateToken"), ("grpc.health.v1.Health", "")]
@@ -95,7 +116,8 @@ async def build_server(settings: GatewaySettings) -> GrpcServer:
                 validator,
                 INFERENCE_ACCESS,
                 decode=not settings.inference_passthrough,
-            )
+            ),
+            refusing_handler(inference_descriptor, SHARED_MEMORY_METHODS, _shared_memory_refused),
         ],
     )
     server.add_service(

@@ -5,12 +5,14 @@ Each forwarded method is a generic handler: the caller is authorized for the met
 the default), the caller's IP as ``x-forwarded-for`` and (for auth) the ``authorization``
 header; traceparent travels through the client interceptor. By default messages pass as raw
 bytes, never decoded (large tensors cost a copy, not a parse); ``decode=True`` parses and
-re-serialises them instead (kept for measuring the difference).
+re-serialises them instead (kept for measuring the difference). Methods that must not be
+forwarded (Triton's shared memory: it needs a client on the inference service's host) get a
+handler that answers with a fixed error (:func:`refusing_handler`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
 from services.common.client import outgoing_timeout
-from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.common.peer import peer_ip
 from services.gateway.access import Access, TokenValidator
 
@@ -98,6 +100,26 @@ def forwarding_handler(
             unary = upstream.channel.unary_unary(path, **serializers)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(unary, upstream, validator, needed), **server_side
+            )
+    return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+
+
+def refusing_handler(
+    descriptor: ServiceDescriptor, methods: Sequence[str], error: Callable[[], ServiceError]
+) -> grpc.GenericRpcHandler:
+    """Generic handlers for the unary ``methods`` of ``descriptor`` that answer ``error()`` at once,
+    whoever calls (nothing goes upstream, so nothing needs authorizing)."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise error()
+
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in descriptor.methods:
+        if method.name in methods:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                refuse,
+                request_deserializer=GetMessageClass(method.input_type).FromString,
+                response_serializer=GetMessageClass(method.output_type).SerializeToString,
             )
     return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
 

@@ -13,6 +13,7 @@ from inference.v1 import worker_pool_pb2, worker_pool_pb2_grpc
 
 from services.common.client import outgoing_timeout
 from services.common.errors import ServiceError
+from services.common.peer import peer_ip
 from services.gateway.access import Access, TokenValidator
 from services.gateway.forwarding import upstream_error
 from services.gateway.monitor import summarize
@@ -105,7 +106,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     ),
                 )
             response = await self._infer.ModelInfer(
-                message.request, timeout=outgoing_timeout(context, self._default_timeout, self._margin)
+                message.request,
+                timeout=outgoing_timeout(context, self._default_timeout, self._margin),
+                metadata=[("x-forwarded-for", peer_ip(context.peer() or ""))],  # inference refuses shared memory
             )
             return pb.StreamInferResponse(sequence=sequence, response=response)
         except grpc.aio.AioRpcError as error:

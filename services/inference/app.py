@@ -17,6 +17,8 @@ from services.inference.metrics import InferenceMetrics
 from services.inference.pool import PoolSettings
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
+from services.inference.shared_memory import EXTENSION as SHARED_MEMORY_EXTENSION
+from services.inference.shared_memory import SharedMemoryPolicy, SharedMemoryRegistry
 
 SERVICE = "inference"
 SERVER_NAME = "ml-platform-inference"
@@ -71,6 +73,8 @@ async def build_server(settings: InferenceSettings) -> GrpcServer:
     )
     server.after_start(manager.run)
     server.on_close(manager.close)
+    shared = SharedMemoryRegistry(SharedMemoryPolicy.from_settings(settings))
+    server.on_close(shared.aclose)  # closers run last first: regions before the pools
     server.add_service(
         grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
@@ -78,10 +82,11 @@ async def build_server(settings: InferenceSettings) -> GrpcServer:
             manager=manager,
             name=SERVER_NAME,
             version=metadata.version("ml-platform"),
-            extensions=EXTENSIONS,
+            extensions=(*EXTENSIONS, SHARED_MEMORY_EXTENSION) if shared.enabled else EXTENSIONS,
             default_timeout=settings.timeout_seconds,
             is_ready=lambda: manager.ready,
             policy=RequestPolicy.from_settings(settings),
+            shared=shared,
         ),
     )
     server.add_service(

@@ -161,6 +161,17 @@ class ModelOutputError(Exception):
     """A model returned outputs that do not fit its declared outputs (a server-side fault)."""
 
 
+class SuppliedInputs(Protocol):
+    """Inputs whose raw bytes come from outside the request (Triton's shared memory regions).
+
+    :func:`decode_request` calls ``read`` once per such input, after its datatype, shape and the
+    element limit have been checked; the bytes have the raw layout and are checked as raw contents.
+    """
+
+    def __contains__(self, name: object, /) -> bool: ...
+    def read(self, name: str, datatype: str, count: int) -> bytes: ...
+
+
 # --- requests -------------------------------------------------------------------------------------
 
 
@@ -170,11 +181,13 @@ def decode_request(
     max_elements: int | None = None,
     *,
     allow_zero_size: bool = True,
+    supplied: SuppliedInputs | None = None,
 ) -> DecodedRequest:
     """Validate ``request`` against the declared ``inputs`` and decode its tensors.
 
     ``max_elements`` bounds the elements of all inputs together; ``allow_zero_size`` False refuses
-    tensors with a 0 dimension (the protocol allows them; many models fail on them).
+    tensors with a 0 dimension (the protocol allows them; many models fail on them). Inputs in
+    ``supplied`` take their bytes from it instead of the request (and make the request raw).
     """
     for index, tensor in enumerate(request.inputs):
         check_name(f"inputs[{index}].name", tensor.name)
@@ -183,7 +196,7 @@ def decode_request(
     declared = {spec.name: spec for spec in inputs}
     raw_entries = list(request.raw_input_contents)  # one bytes object per entry, read once
     if raw_entries:
-        _check_raw_count(request, len(raw_entries))
+        _check_raw_count(request, len(raw_entries), supplied)
     arrays: dict[str, Array] = {}
     next_raw = 0
     total = 0
@@ -227,7 +240,11 @@ def decode_request(
             )
         has_contents = tensor.HasField("contents")
         try:
-            if raw_entries and not has_contents:
+            if supplied is not None and name in supplied:
+                where = f"inputs[{name}].parameters"
+                data = supplied.read(name, spec.datatype, count)
+                array = _raw_to_array(data, spec.datatype, shape, count, "the data in shared memory")
+            elif raw_entries and not has_contents:
                 where = f"inputs[{name}].raw_input_contents"
                 array = _raw_to_array(
                     raw_entries[next_raw], spec.datatype, shape, count, f"raw_input_contents[{next_raw}]"
@@ -252,7 +269,7 @@ def decode_request(
         )
     return DecodedRequest(
         inputs=arrays,
-        raw=bool(raw_entries),
+        raw=bool(raw_entries) or supplied is not None,
         requested_outputs=[output.name for output in request.outputs],
         id=request.id,
         parameters=_decode_parameters(request.parameters),
@@ -322,8 +339,12 @@ def batch_size(inputs: Mapping[str, Array], max_batch_size: int, model_name: str
     return int(batch)
 
 
-def _check_raw_count(request: pb.ModelInferRequest, entries: int) -> None:
-    carriers = [tensor.name for tensor in request.inputs if not tensor.HasField("contents")]
+def _check_raw_count(request: pb.ModelInferRequest, entries: int, supplied: SuppliedInputs | None = None) -> None:
+    carriers = [
+        tensor.name
+        for tensor in request.inputs
+        if not tensor.HasField("contents") and (supplied is None or tensor.name not in supplied)
+    ]
     if entries == len(carriers):
         return
     if entries > len(carriers) and entries == len(request.inputs):
@@ -411,11 +432,14 @@ def encode_response(
     specs: Sequence[SpecLike],
     requested: Sequence[str],
     raw: bool,
+    placed: Mapping[str, Mapping[str, ParameterValue]] | None = None,
 ) -> pb.ModelInferResponse:
     """The response for ``outputs``: the declared ``specs`` in order, filtered by ``requested`` (empty = all).
 
     ``requested`` is expected to have passed :func:`check_requested_outputs`; outputs the model
     returns beyond the selected specs are left out. Each array is cast to its spec's datatype.
+    Outputs in ``placed`` were written elsewhere (Triton's shared memory): they carry the given
+    parameters, no contents, and an empty raw entry (raw entries match outputs by position).
     """
     wanted = set(requested)
     selected = [spec for spec in specs if not wanted or spec.name in wanted]
@@ -437,6 +461,10 @@ def encode_response(
     raw_contents: list[bytes] = []
     for spec, array in zip(selected, arrays, strict=True):
         tensor = pb.ModelInferResponse.InferOutputTensor(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        if placed and spec.name in placed:
+            _placed_output(tensor, placed[spec.name], raw_contents if raw else None)
+            tensors.append(tensor)
+            continue
         try:
             if raw:
                 raw_contents.append(_array_to_raw(array, spec.datatype))
@@ -452,6 +480,34 @@ def encode_response(
         outputs=tensors,
         raw_output_contents=raw_contents,
     )
+
+
+def raw_output(array: Array, spec: SpecLike) -> bytes | memoryview:
+    """One model output in the raw layout, checked against its declared ``spec`` as
+    :func:`encode_response` checks it (ModelOutputError if it does not fit); numeric outputs are not copied."""
+    array = np.asarray(array)
+    if not _shape_fits(array.shape, spec.shape):
+        raise ModelOutputError(
+            f"model output {spec.name!r} has shape {list(array.shape)}, the model declares {list(spec.shape)}"
+        )
+    try:
+        coerced = _coerce(array, spec.datatype)
+        if spec.datatype == "BYTES":
+            return _array_to_raw(coerced, spec.datatype)
+        return np.ascontiguousarray(coerced).reshape(-1).data.cast("B")
+    except ValueError as error:
+        raise ModelOutputError(f"model output {spec.name!r}: {error}") from None
+
+
+def _placed_output(
+    tensor: pb.ModelInferResponse.InferOutputTensor,
+    parameters: Mapping[str, ParameterValue],
+    raw_contents: list[bytes] | None,
+) -> None:
+    for key, value in parameters.items():
+        tensor.parameters[key].CopyFrom(_parameter(value))
+    if raw_contents is not None:
+        raw_contents.append(b"")
 
 
 # --- client side: numpy -> request, response -> numpy ---------------------------------------------
@@ -698,6 +754,7 @@ __all__ = [
     "ModelOutputError",
     "ParameterValue",
     "SpecLike",
+    "SuppliedInputs",
     "batch_size",
     "bf16_bits_to_float32",
     "check_requested_outputs",
@@ -705,6 +762,7 @@ __all__ = [
     "encode_response",
     "float32_to_bf16_bits",
     "make_infer_request",
+    "raw_output",
     "raw_outputs",
     "response_arrays",
 ]

@@ -66,6 +66,22 @@ INVALID_PARAMETER = "INVALID_PARAMETER"
 """A request parameter the service reads has the wrong type (``raw_output`` must be a bool_param)."""
 WORKER_ID_REQUIRED = "WORKER_ID_REQUIRED"
 """RestartWorker: ``worker_id`` is empty."""
+SHARED_MEMORY_NAME_REQUIRED = "SHARED_MEMORY_NAME_REQUIRED"
+"""A shared memory region without a name (SystemSharedMemoryRegister, or a tensor's ``shared_memory_region``)."""
+SHARED_MEMORY_KEY_INVALID = "SHARED_MEMORY_KEY_INVALID"
+"""A key that is not one name in /dev/shm: empty, with a ``/`` after the leading one, ``.``, ``..``, over 255 bytes."""
+SHARED_MEMORY_KEY_NOT_ALLOWED = "SHARED_MEMORY_KEY_NOT_ALLOWED"
+"""A key outside ``INFERENCE_SHARED_MEMORY_KEY_PREFIX``, or one that names the service's own segments (``mlp-``)."""
+SHARED_MEMORY_OUT_OF_RANGE = "SHARED_MEMORY_OUT_OF_RANGE"
+"""Offset + byte size past the end of the object (register) or of the region (a tensor); a region of 0 bytes."""
+SHARED_MEMORY_PARAMETER_INVALID = "SHARED_MEMORY_PARAMETER_INVALID"
+"""A tensor's ``shared_memory_*`` parameters: a wrong type, a negative size, one without the others, or contents too."""
+SHARED_MEMORY_SIZE_MISMATCH = "SHARED_MEMORY_SIZE_MISMATCH"
+"""An input's ``shared_memory_byte_size`` is not what its shape and datatype take."""
+SHARED_MEMORY_OUTPUT_TOO_LARGE = "SHARED_MEMORY_OUTPUT_TOO_LARGE"
+"""An output takes more bytes than the ``shared_memory_byte_size`` given for it."""
+CUDA_SHARED_MEMORY_UNSUPPORTED = "CUDA_SHARED_MEMORY_UNSUPPORTED"
+"""CudaSharedMemoryRegister: the server has no GPUs (as a Triton server without GPUs answers)."""
 
 # --- NOT_FOUND ------------------------------------------------------------------------------------------
 MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
@@ -74,6 +90,23 @@ VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
 """The model is served, but not in the version asked for."""
 WORKER_NOT_FOUND = "WORKER_NOT_FOUND"
 """RestartWorker: no worker has that ``worker_id``."""
+SHARED_MEMORY_REGION_NOT_FOUND = "SHARED_MEMORY_REGION_NOT_FOUND"
+"""A status request or a tensor names a shared memory region that is not registered."""
+SHARED_MEMORY_OBJECT_NOT_FOUND = "SHARED_MEMORY_OBJECT_NOT_FOUND"
+"""SystemSharedMemoryRegister: no shared memory object /dev/shm/<key>."""
+
+# --- ALREADY_EXISTS -------------------------------------------------------------------------------------
+SHARED_MEMORY_REGION_EXISTS = "SHARED_MEMORY_REGION_EXISTS"
+"""SystemSharedMemoryRegister: a region of that name is registered already."""
+
+# --- FAILED_PRECONDITION --------------------------------------------------------------------------------
+SHARED_MEMORY_DISABLED = "SHARED_MEMORY_DISABLED"
+"""A system shared memory call, or a tensor in a region, while ``INFERENCE_SHARED_MEMORY_ENABLED`` is false."""
+SHARED_MEMORY_NOT_LOCAL = "SHARED_MEMORY_NOT_LOCAL"
+"""Shared memory through a proxy (the call carries ``x-forwarded-for``, as the gateway's do)."""
+SHARED_MEMORY_OBJECT_UNUSABLE = "SHARED_MEMORY_OBJECT_UNUSABLE"
+"""The object cannot serve as a region: not openable read-write, a symlink or not a regular file, hard-linked, or
+it shrank below the registered region."""
 
 # --- RESOURCE_EXHAUSTED (not worth a retry: the same request fails the same way) ---------------------
 TOO_MANY_INPUT_ELEMENTS = "TOO_MANY_INPUT_ELEMENTS"
@@ -84,6 +117,10 @@ OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
 """The answer would not fit in ``INFERENCE_MAX_MESSAGE_BYTES``."""
 MODEL_OUT_OF_MEMORY = "MODEL_OUT_OF_MEMORY"
 """The model ran out of memory on this request (MemoryError in the worker); smaller requests may succeed."""
+SHARED_MEMORY_TOO_MANY_REGIONS = "SHARED_MEMORY_TOO_MANY_REGIONS"
+"""The client holds ``INFERENCE_SHARED_MEMORY_MAX_REGIONS_PER_CLIENT`` regions already."""
+SHARED_MEMORY_TOO_MANY_BYTES = "SHARED_MEMORY_TOO_MANY_BYTES"
+"""The client's regions would span more than ``INFERENCE_SHARED_MEMORY_MAX_BYTES_PER_CLIENT`` bytes."""
 
 ALL: tuple[str, ...] = (
     MODEL_NAME_REQUIRED,
@@ -111,13 +148,29 @@ ALL: tuple[str, ...] = (
     DUPLICATE_OUTPUT,
     INVALID_PARAMETER,
     WORKER_ID_REQUIRED,
+    SHARED_MEMORY_NAME_REQUIRED,
+    SHARED_MEMORY_KEY_INVALID,
+    SHARED_MEMORY_KEY_NOT_ALLOWED,
+    SHARED_MEMORY_OUT_OF_RANGE,
+    SHARED_MEMORY_PARAMETER_INVALID,
+    SHARED_MEMORY_SIZE_MISMATCH,
+    SHARED_MEMORY_OUTPUT_TOO_LARGE,
+    CUDA_SHARED_MEMORY_UNSUPPORTED,
     MODEL_NOT_FOUND,
     VERSION_NOT_FOUND,
     WORKER_NOT_FOUND,
+    SHARED_MEMORY_REGION_NOT_FOUND,
+    SHARED_MEMORY_OBJECT_NOT_FOUND,
+    SHARED_MEMORY_REGION_EXISTS,
+    SHARED_MEMORY_DISABLED,
+    SHARED_MEMORY_NOT_LOCAL,
+    SHARED_MEMORY_OBJECT_UNUSABLE,
     TOO_MANY_INPUT_ELEMENTS,
     TOO_MANY_OUTPUT_ELEMENTS,
     OUTPUT_TOO_LARGE,
     MODEL_OUT_OF_MEMORY,
+    SHARED_MEMORY_TOO_MANY_REGIONS,
+    SHARED_MEMORY_TOO_MANY_BYTES,
 )
 """Every reason above, INVALID_ARGUMENT ones first."""
 
@@ -151,6 +204,7 @@ __all__ = [
     "BATCH_TOO_LARGE",
     "CONTENTS_FIELD_MISMATCH",
     "CONTENTS_SIZE_MISMATCH",
+    "CUDA_SHARED_MEMORY_UNSUPPORTED",
     "DATATYPE_MISMATCH",
     "DUPLICATE_INPUT",
     "DUPLICATE_OUTPUT",
@@ -173,6 +227,21 @@ __all__ = [
     "RAW_SIZE_MISMATCH",
     "SHAPE_MISMATCH",
     "SHAPE_OVERFLOW",
+    "SHARED_MEMORY_DISABLED",
+    "SHARED_MEMORY_KEY_INVALID",
+    "SHARED_MEMORY_KEY_NOT_ALLOWED",
+    "SHARED_MEMORY_NAME_REQUIRED",
+    "SHARED_MEMORY_NOT_LOCAL",
+    "SHARED_MEMORY_OBJECT_NOT_FOUND",
+    "SHARED_MEMORY_OBJECT_UNUSABLE",
+    "SHARED_MEMORY_OUTPUT_TOO_LARGE",
+    "SHARED_MEMORY_OUT_OF_RANGE",
+    "SHARED_MEMORY_PARAMETER_INVALID",
+    "SHARED_MEMORY_REGION_EXISTS",
+    "SHARED_MEMORY_REGION_NOT_FOUND",
+    "SHARED_MEMORY_SIZE_MISMATCH",
+    "SHARED_MEMORY_TOO_MANY_BYTES",
+    "SHARED_MEMORY_TOO_MANY_REGIONS",
     "TOO_MANY_INPUT_ELEMENTS",
     "TOO_MANY_OUTPUT_ELEMENTS",
     "UNKNOWN_INPUT",

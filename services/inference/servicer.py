@@ -5,7 +5,9 @@ by :mod:`limits` before the model runs, the model is resolved and run by :class:
 and the answer is encoded back (raw outputs whenever the request used raw inputs, as tritonclient
 expects, or always with ``INFERENCE_ALWAYS_RAW_OUTPUTS``; a request's ``raw_output`` parameter
 decides for itself). Each inference is timed into the manager's statistics (:mod:`stats`);
-ModelConfig and ModelStatistics (Triton's extensions) are built by :mod:`converters`. Names a
+ModelConfig and ModelStatistics (Triton's extensions) are built by :mod:`converters`; Triton's
+system shared memory (regions, and tensors read from and written into them) is
+:mod:`shared_memory`'s, the CUDA methods answer as a Triton server without GPUs. Names a
 request carries are bounded (:func:`~services.inference.reasons.check_name`) before they reach
 the manager, whose messages echo them.
 """
@@ -21,11 +23,13 @@ from inference import grpc_service_pb2_grpc
 from opentelemetry import propagate
 
 from services.common.errors import Internal, InvalidArgument, ServiceError
-from services.inference import codec, converters, limits, reasons
+from services.common.peer import peer_ip
+from services.inference import codec, converters, limits, reasons, shared_memory
 from services.inference.limits import RequestPolicy
 from services.inference.manager import ModelManager
 from services.inference.reasons import check_name
 from services.inference.runtimes import input_policy
+from services.inference.shared_memory import Caller, SharedMemoryRegistry
 
 DEADLINE_MARGIN_SECONDS = 0.005  # answer DEADLINE_EXCEEDED ourselves just before the client gives up
 
@@ -42,6 +46,12 @@ def _model_name_required(name: str) -> None:
             "model_name is required", [("model_name", "must not be empty")], reason=reasons.MODEL_NAME_REQUIRED
         )
     check_name("model_name", name)
+
+
+def _caller(context: grpc.aio.ServicerContext) -> Caller:
+    """Who calls, for shared memory: the peer's IP; proxied if a proxy (the gateway) forwarded the call."""
+    proxied = any(key == "x-forwarded-for" for key, _ in context.invocation_metadata() or ())
+    return Caller(client=peer_ip(context.peer() or ""), proxied=proxied)
 
 
 def _traceparent() -> str:
@@ -61,8 +71,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         default_timeout: float,
         is_ready: Callable[[], bool],
         policy: RequestPolicy | None = None,
+        shared: SharedMemoryRegistry | None = None,
     ):
         self._manager = manager
+        self._shared = shared or SharedMemoryRegistry()
         self._metadata = pb.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
         self._default_timeout = default_timeout
         self._is_ready = is_ready
@@ -135,10 +147,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         config = self._manager.config(model)
         accepts = input_policy(config)
         policy = self._policy
-        with self._manager.statistics.request(model.name, pool.model_version) as timer:
+        with (
+            self._manager.statistics.request(model.name, pool.model_version) as timer,
+            self._shared.bind(request, lambda: _caller(context)) as regions,
+        ):
             with timer.measure("compute_input"):
                 decoded = codec.decode_request(
-                    request, config.inputs, policy.max_request_elements, allow_zero_size=accepts.allow_zero_size
+                    request,
+                    config.inputs,
+                    policy.max_request_elements,
+                    allow_zero_size=accepts.allow_zero_size,
+                    supplied=regions.inputs,
                 )
                 codec.check_requested_outputs(decoded.requested_outputs, config.outputs)
                 batch_size = codec.batch_size(decoded.inputs, config.max_batch_size, model.name)
@@ -168,6 +187,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             with timer.measure("compute_output"):
                 limits.check_answer_bytes(result.outputs, policy, model.name)
                 try:
+                    placed = regions.place(result.outputs, config.outputs)
                     response = codec.encode_response(
                         model_name=model.name,
                         model_version=pool.model_version,
@@ -176,6 +196,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                         specs=config.outputs,
                         requested=decoded.requested_outputs,
                         raw=raw,
+                        placed=placed,
                     )
                 except codec.ModelOutputError as error:
                     raise Internal(f"model {model.name} returned unusable outputs: {error}") from None
@@ -227,3 +248,48 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         _model_name_required(request.model_name)
         await self._manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # -- Triton's shared memory extensions ------------------------------------------------------------------
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        regions = self._shared.status(_caller(context), request.name)
+        return pb.SystemSharedMemoryStatusResponse(
+            regions={
+                region.name: pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+                for region in regions
+            }
+        )
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._shared.register(_caller(context), request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._shared.unregister(_caller(context), request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        shared_memory.cuda_status(request.name)
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        shared_memory.cuda_register(request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        check_name("name", request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()

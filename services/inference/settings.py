@@ -41,6 +41,29 @@ class InferenceSettings(ServiceSettings):
         description="Answer in raw_output_contents even to typed inputs, as Triton does (false: typed inputs get"
         " typed contents); a request's raw_output parameter decides for that request.",
     )
+    shared_memory_enabled: bool = Field(
+        default=False,
+        description="Serve Triton's system shared-memory extension to clients on this host (off: its calls, and"
+        " inferences that name a region, are FAILED_PRECONDITION).",
+    )
+    shared_memory_key_prefix: str = Field(
+        default="",
+        max_length=200,
+        description="Every shared-memory key a client registers must start with this (a leading '/' aside);"
+        " empty: any key. Keys of the service's own segments (mlp-...) are refused whatever it is.",
+    )
+    shared_memory_max_regions_per_client: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="Shared-memory regions one client (one IP address; all of this host over loopback) may hold.",
+    )
+    shared_memory_max_bytes_per_client: int = Field(
+        default=1 << 30,
+        ge=1,
+        le=1 << 44,
+        description="Bytes the shared-memory regions of one client may span together.",
+    )
     model_repository: Path = Field(default=Path("models"), description="Directory of the model repository.")
     timeout_seconds: float = Field(
         default=2.0, gt=0, le=600, description="Default deadline of one inference (a model's config may override)."

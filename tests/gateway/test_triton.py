@@ -10,7 +10,7 @@ import numpy as np
 from inference import grpc_service_pb2
 
 from services.gateway.access import Access
-from services.gateway.app import INFERENCE_ACCESS
+from services.gateway.app import INFERENCE_ACCESS, SHARED_MEMORY_METHODS
 from services.inference import codec
 from tests.gateway.conftest import bearer
 from tests.inference.conftest import triton
@@ -59,7 +59,8 @@ async def test_a_message_over_the_limit_is_resource_exhausted(start_platform):
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_every_inference_rpc_is_forwarded_with_an_access_rule():
+def test_every_inference_rpc_is_forwarded_with_an_access_rule_or_refused():
     methods = {m.name for m in grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
-    assert set(INFERENCE_ACCESS) == methods
+    assert set(INFERENCE_ACCESS) | set(SHARED_MEMORY_METHODS) == methods
+    assert not set(INFERENCE_ACCESS) & set(SHARED_MEMORY_METHODS)
     assert INFERENCE_ACCESS["ModelConfig"] is INFERENCE_ACCESS["ModelStatistics"] is Access.USER
