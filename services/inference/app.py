@@ -57,6 +57,8 @@ async def build_server(settings: InferenceSettings) -> GrpcServer:
             backoff=settings.restart_backoff_seconds,
             backoff_max=settings.restart_backoff_max_seconds,
             shm_threshold=settings.shm_threshold_bytes,
+            shm_arena_bytes=settings.shm_arena_bytes,
+            shm_arena_max_bytes=settings.shm_arena_max_bytes,
             env=worker_env(),
             log_level=settings.log_level,
             log_format=settings.log_format,

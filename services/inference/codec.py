@@ -710,9 +710,23 @@ def _bytes_elements(array: Array) -> list[bytes]:
     return elements
 
 
+def _whole_buffer(array: Array) -> bytes | None:
+    """The ``bytes`` object ``array`` views from its first byte to its last, in order, if it is one
+    (an output copied out of a worker's arena): answering with it saves a copy of the tensor."""
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not isinstance(base, bytes) or len(base) != array.nbytes or not array.flags.c_contiguous:
+        return None
+    if array.nbytes and array.ctypes.data != np.frombuffer(base, dtype=np.uint8).ctypes.data:
+        return None  # a view that starts elsewhere in the buffer
+    return base
+
+
 def _array_to_raw(array: Array, datatype: str) -> bytes:
     if datatype != "BYTES":
-        return array.tobytes()  # C order; ``array`` already has the little-endian dtype
+        whole = _whole_buffer(array)
+        return whole if whole is not None else array.tobytes()  # C order, the little-endian dtype already
     parts: list[bytes] = []
     for element in _bytes_elements(array):
         if len(element) > 0xFFFFFFFF:

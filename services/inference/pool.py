@@ -77,6 +77,8 @@ class PoolSettings:
     backoff_max: float
     shm_threshold: int
     env: Mapping[str, str]
+    shm_arena_bytes: int = 0
+    shm_arena_max_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     log_format: str = "json"
     scale_interval: float = 1.0
@@ -361,6 +363,8 @@ class WorkerPool:
             worker_id=slot.worker_id,
             shm_threshold=self._settings.shm_threshold,
             shm_prefix=f"{self._shm_prefix}{slot.worker_id}-",
+            shm_arena_bytes=self._settings.shm_arena_bytes,
+            shm_arena_max_bytes=self._settings.shm_arena_max_bytes,
             env=self._settings.env,
             log_level=self._settings.log_level,
             log_format=self._settings.log_format,

@@ -55,6 +55,8 @@ class WorkerSpec:
     env: Mapping[str, str]
     log_level: str = "INFO"
     log_format: str = "json"
+    shm_arena_bytes: int = 0
+    shm_arena_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -86,6 +88,12 @@ class WorkerProcess:
         self.exited = asyncio.Event()
         self.pipe_closed = False  # the worker's end of the pipe is gone: it exited (or is exiting)
         self.exit_code: int | None = None
+        # The calls' tensors go to the worker through one reusable arena (one call at a time per worker).
+        self._arena = (
+            ipc.Arena(spec.shm_prefix, "in", spec.shm_arena_bytes, spec.shm_arena_max_bytes)
+            if spec.shm_prefix and spec.shm_arena_max_bytes
+            else None
+        )
 
     async def start(self, limit_seconds: float) -> None:
         """Spawn the process and wait until it reports its model loaded (or failed to).
@@ -120,6 +128,10 @@ class WorkerProcess:
             str(self.spec.shm_threshold),
             "--shm-prefix",
             self.spec.shm_prefix,
+            "--shm-arena-bytes",
+            str(self.spec.shm_arena_bytes),
+            "--shm-arena-max-bytes",
+            str(self.spec.shm_arena_max_bytes),
             "--log-level",
             self.spec.log_level,
             "--log-format",
@@ -215,7 +227,9 @@ class WorkerProcess:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            frame = ipc.encode(message, shm_threshold=self.spec.shm_threshold, shm_prefix=self.spec.shm_prefix)
+            frame = ipc.encode(
+                message, shm_threshold=self.spec.shm_threshold, shm_prefix=self.spec.shm_prefix, arena=self._arena
+            )
             self._writer.write(frame)
         except (OSError, ConnectionError, RuntimeError) as error:
             self._pending.pop(request_id, None)
@@ -337,4 +351,6 @@ class WorkerProcess:
             self._reader.close()
             self._reader = None
         self._fail_pending(WorkerGone("the worker was stopped"))
+        if self._arena is not None:
+            self._arena.close()
         ipc.sweep_segments(self.spec.shm_prefix)

@@ -113,3 +113,13 @@ class InferenceSettings(ServiceSettings):
     shm_threshold_bytes: int = Field(
         default=64 * 1024, ge=0, description="Tensors this large or larger go to workers through shared memory."
     )
+    shm_arena_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Initial size of each worker's two reusable shared-memory arenas (0: what the first request needs).",
+    )
+    shm_arena_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Largest arena; a request whose tensors need more uses segments of its own (0: no arenas).",
+    )

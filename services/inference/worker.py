@@ -47,7 +47,13 @@ class Worker:
     def __init__(self, args: argparse.Namespace):
         self._args = args
         self._channel = ipc.BlockingChannel(
-            args.read_fd, args.write_fd, shm_threshold=args.shm_threshold, shm_prefix=args.shm_prefix
+            args.read_fd,
+            args.write_fd,
+            shm_threshold=args.shm_threshold,
+            shm_prefix=args.shm_prefix,
+            arena=args.shm_arena_max_bytes > 0,
+            arena_bytes=args.shm_arena_bytes,
+            arena_max_bytes=args.shm_arena_max_bytes,
         )
         self._calls: queue.Queue[tuple[ipc.InferCall, int] | None] = queue.Queue()  # with its decoding ns
         self._served = 0
@@ -150,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--shm-threshold", type=int, default=64 * 1024)
     parser.add_argument("--shm-prefix", required=True)
+    parser.add_argument("--shm-arena-bytes", type=int, default=0)
+    parser.add_argument("--shm-arena-max-bytes", type=int, default=0)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="json")
     args = parser.parse_args(argv)

@@ -249,7 +249,7 @@ def test_empty_prefix_sends_everything_inline():
 
 
 def test_falls_back_to_inline_without_shared_memory(monkeypatch, tmp_path, shm_prefix):
-    monkeypatch.setattr(ipc, "SHM_DIR", str(tmp_path / "no-such-dir"))
+    monkeypatch.setattr(ipc.shm, "SHM_DIR", str(tmp_path / "no-such-dir"))
     array = np.arange(MiB, dtype=np.float32)
     frame = ipc.encode(ipc.InferResult(1, {"t": array}, 0, 0, 0), shm_threshold=1024, shm_prefix=shm_prefix)
     assert len(frame) > array.nbytes
@@ -298,6 +298,131 @@ def test_sweep_removes_leftovers_under_the_prefix_only(shm_prefix):
         assert ipc.sweep_segments(shm_prefix) == 0
     finally:
         Path(ipc.SHM_DIR, unrelated).unlink()
+
+
+# Arenas: one reusable segment per sender and direction
+
+
+def assert_same_values(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """As assert_same_tensors, but read-only arrays pass: the supervisor's copies out of an arena are bytes."""
+    assert list(got) == list(want)
+    for name, expected in want.items():
+        assert got[name].dtype == expected.dtype, name
+        assert np.array_equal(got[name], expected), name
+
+
+def arena_call(request_id: int, size: int, value: float) -> ipc.InferCall:
+    inputs = {"a": np.full(size // 4, value, dtype=np.float32), "b": np.full(size // 8, value, dtype=np.float64)}
+    return ipc.InferCall(request_id, "", inputs, [], 0.0)
+
+
+def test_an_arena_is_reused_from_one_message_to_the_next(shm_prefix):
+    arena = ipc.Arena(shm_prefix, "in")
+    reader = ipc.ArenaReader(shm_prefix, copy=True)
+    try:
+        names = set()
+        for request_id, value in enumerate((1.0, 2.0, 3.0), start=1):
+            frame = ipc.encode(
+                arena_call(request_id, MiB, value), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena
+            )
+            assert len(frame) < 1024  # the tensors are in the arena, not in the frame
+            decoded = ipc.decode(payload_of(frame), shm_prefix=shm_prefix, arena=reader)
+            assert_same_values(decoded.inputs, arena_call(request_id, MiB, value).inputs)
+            names.add(arena.name)
+            assert segments(shm_prefix) == [arena.name]  # one file, never unlinked by the reader
+        assert len(names) == 1
+        small_size = arena.size
+        ipc.decode(
+            payload_of(ipc.encode(arena_call(4, 4 * MiB, 4.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena)),
+            shm_prefix=shm_prefix,
+            arena=reader,
+        )
+        assert arena.size > small_size
+        assert segments(shm_prefix) == [arena.name]  # grown: the old one is gone
+    finally:
+        arena.close()
+        reader.close()
+    assert segments(shm_prefix) == []
+
+
+def test_copied_arena_tensors_survive_the_next_message(shm_prefix):
+    """The supervisor's reader copies: an answer it still holds is not changed by the worker's next one."""
+    arena = ipc.Arena(shm_prefix, "out")
+    reader = ipc.ArenaReader(shm_prefix, copy=True)
+    try:
+        first = ipc.decode(
+            payload_of(ipc.encode(arena_call(1, MiB, 1.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena)),
+            shm_prefix=shm_prefix,
+            arena=reader,
+        )
+        ipc.encode(arena_call(2, MiB, 2.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena)
+        assert (first.inputs["a"] == 1.0).all()
+    finally:
+        arena.close()
+        reader.close()
+
+
+def test_private_arena_tensors_are_writable_without_touching_the_arena(shm_prefix):
+    """The worker's reader maps copy-on-write: a model may write to its inputs."""
+    arena = ipc.Arena(shm_prefix, "in")
+    reader = ipc.ArenaReader(shm_prefix, copy=False)
+    try:
+        frame = payload_of(ipc.encode(arena_call(1, MiB, 1.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena))
+        mine = ipc.decode(frame, shm_prefix=shm_prefix, arena=reader)
+        mine.inputs["a"][:] = 7.0
+        again = ipc.decode(frame, shm_prefix=shm_prefix, arena=reader)
+        assert (again.inputs["a"] == 1.0).all()
+    finally:
+        arena.close()
+        reader.close()
+
+
+def test_an_arena_frame_is_refused_by_a_reader_without_an_arena_or_outside_its_prefix(shm_prefix):
+    arena = ipc.Arena(shm_prefix, "in")
+    try:
+        frame = payload_of(ipc.encode(arena_call(1, MiB, 1.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena))
+        with pytest.raises(ipc.ProtocolError, match="reads no arena"):
+            ipc.decode(frame, shm_prefix=shm_prefix)
+        with pytest.raises(ipc.ProtocolError, match="is not a segment under"):
+            ipc.decode(frame, shm_prefix="mlp-someone-else-", arena=ipc.ArenaReader("mlp-someone-else-", copy=True))
+        assert segments(shm_prefix) == [arena.name]  # a refused frame never removes the sender's arena
+    finally:
+        arena.close()
+
+
+def test_a_message_larger_than_the_arena_limit_uses_segments_of_its_own(shm_prefix):
+    arena = ipc.Arena(shm_prefix, "in", maximum_bytes=MiB)
+    try:
+        frame = ipc.encode(arena_call(1, 2 * MiB, 1.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena)
+        assert arena.name == ""
+        assert len(segments(shm_prefix)) == 2  # one per tensor, for the receiver to remove
+        decoded = ipc.decode(payload_of(frame), shm_prefix=shm_prefix, arena=ipc.ArenaReader(shm_prefix, copy=True))
+        assert_same_values(decoded.inputs, arena_call(1, 2 * MiB, 1.0).inputs)
+        assert segments(shm_prefix) == []
+    finally:
+        arena.close()
+
+
+def test_an_arena_that_cannot_be_allocated_leaves_nothing_and_the_tensors_go_another_way(shm_prefix):
+    """posix_fallocate failing (here: a file size limit; in production: a full tmpfs) is an error at once,
+    never a SIGBUS on a later write, and leaves no file behind."""
+    code = f"""
+import resource, signal, numpy as np
+from services.inference import ipc
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+arena = ipc.Arena({shm_prefix!r}, "in")
+assert not arena.reserve(4 << 20) and arena.name == ""
+call = ipc.InferCall(1, "", {{"a": np.ones(1 << 20, dtype=np.float32)}}, [], 0.0)
+frame = ipc.encode(call, shm_threshold=1024, shm_prefix={shm_prefix!r}, arena=arena)
+print(len(frame) > (4 << 20))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO, env=dict(os.environ)
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"  # inline: the segment of its own could not be written either
+    assert segments(shm_prefix) == []
 
 
 @pytest.mark.parametrize("prefix", ["", "/", "../"])

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from inference.v1 import worker_pool_pb2 as admin_pb
 
-from services.inference import codec
+from services.inference import codec, ipc
 from tests.inference.conftest import eventually_async
 from tests.inference.test_pool import echo_request, scrape
 
@@ -222,3 +222,52 @@ async def test_each_caller_gets_its_own_answer_from_a_busy_pool(start_inference)
     )
     got = [codec.response_arrays(answer)["OUTPUT0"].tolist() for answer in answers]
     assert got == [[[np.float32(value).item()]] for value in values]
+
+
+async def test_shared_memory_is_reused_and_outlives_neither_its_worker_nor_a_cancelled_request(start_inference):
+    """Each worker has two arenas (calls in, answers out), reused from one request to the next; a worker
+    killed with them mapped and a request cancelled in flight leave nothing under the pool's prefix."""
+
+    def one_worker(repository: Path) -> None:
+        config = repository / "identity_fp32" / "config.yaml"
+        config.write_text(config.read_text().replace("instances: {min: 1, max: 2}", "instances: {min: 1, max: 1}"))
+
+    inference = await start_inference(["identity_fp32"], prepare=one_worker)
+    prefix = f"mlp-{os.getpid()}-identity_fp32-"
+
+    def files() -> list[str]:
+        return sorted(name for name in os.listdir(ipc.SHM_DIR) if name.startswith(prefix))
+
+    tensor = np.arange(512 * 4096, dtype=np.float32).reshape(512, 4096)  # 8 MiB
+    request = codec.make_infer_request("identity_fp32", {"INPUT0": ("FP32", tensor)})
+    for _ in range(3):
+        answer = await inference.stub.ModelInfer(request, timeout=30)
+        np.testing.assert_array_equal(codec.response_arrays(answer)["OUTPUT0"], tensor)
+    arenas = files()
+    assert len(arenas) == 2
+    assert {name.rsplit("-", 2)[-2] for name in arenas} == {"in", "out"}
+
+    for _ in range(5):  # cancelled at once, mid-way or not at all: whichever it was, nothing new stays
+        call = inference.stub.ModelInfer(request, timeout=30)
+        await asyncio.sleep(0)
+        call.cancel()
+
+    async def settled() -> bool:
+        workers = await inference.workers("identity_fp32")
+        return all(worker.state == admin_pb.WORKER_STATE_READY for worker in workers)
+
+    await eventually_async(settled, within=30)
+    assert len(files()) <= 2  # the arenas of the worker serving now, nothing more
+
+    [worker] = await inference.workers("identity_fp32")
+    os.kill(worker.pid, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        [now] = await inference.workers("identity_fp32")
+        return now.pid not in (0, worker.pid) and now.state == admin_pb.WORKER_STATE_READY
+
+    await eventually_async(replaced, within=30)
+    assert files() == []  # the dead worker's arenas went with it; the new one has none before its first call
+    answer = await inference.stub.ModelInfer(request, timeout=30)
+    np.testing.assert_array_equal(codec.response_arrays(answer)["OUTPUT0"], tensor)
+    assert len(files()) == 2

@@ -301,19 +301,29 @@ class WorkerFrame(_message.Message):
 
         NAME_FIELD_NUMBER: _builtins.int
         SIZE_FIELD_NUMBER: _builtins.int
+        OFFSET_FIELD_NUMBER: _builtins.int
+        ARENA_FIELD_NUMBER: _builtins.int
         name: _builtins.str
         """File name of the segment under /dev/shm, starting with the sender's segment prefix."""
         size: _builtins.int
-        """Size of the segment in bytes (the serialized size of the tensor)."""
+        """Size of the serialized tensor in bytes (of a segment of its own: the segment's size)."""
+        offset: _builtins.int
+        """Where the tensor starts in the segment, a multiple of the page size; 0 unless arena."""
+        arena: _builtins.bool
+        """The segment is the sender's arena, reused from one message to the next: the receiver
+        reads size bytes at offset and never removes it (see services/inference/ipc/shm.py).
+        """
         def __init__(
             self,
             *,
             name: _builtins.str = ...,
             size: _builtins.int = ...,
+            offset: _builtins.int = ...,
+            arena: _builtins.bool = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size", b"size"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["arena", b"arena", "name", b"name", "offset", b"offset", "size", b"size"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
