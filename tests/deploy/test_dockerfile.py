@@ -19,7 +19,7 @@ DOCKERIGNORE = REPO / ".dockerignore"
 USER_ID = 10001
 WRITABLE = {"/var/lib/ml-platform/auth": "AUTH_DATA_DIR"}
 # Every path written at run time, each documented in the Dockerfile's header as a mount.
-MOUNTS = ("/var/lib/ml-platform/auth", "/tmp", "/dev/shm")  # noqa: S108
+MOUNTS = ("/var/lib/ml-platform/auth", "/var/lib/ml-platform/auth-keys", "/tmp", "/dev/shm")  # noqa: S108
 LOCAL_STATE = [
     ".git",
     ".venv/bin/python",

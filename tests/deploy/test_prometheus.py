@@ -25,11 +25,16 @@ def jobs(loaded: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_compose_scrape_config_targets_every_metrics_port():
+    """One target per container of each service (both auth replicas), on the service's metrics port."""
     scrape = jobs(config("prometheus.yml"))
     assert set(scrape) == JOBS
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     for job, (_, metrics_port) in readme_ports().items():
+        containers = sorted(
+            name for name, spec in services.items() if spec.get("command") == ["python", "-m", f"services.{job}"]
+        )
         targets = [t for group in scrape[job]["static_configs"] for t in group["targets"]]
-        assert targets == [f"{job}:{metrics_port}"]
+        assert targets == [f"{container}:{metrics_port}" for container in containers]
         assert scrape[job].get("metrics_path", "/metrics") == "/metrics"
 
 
