@@ -105,8 +105,8 @@ SHARED_MEMORY_DISABLED = "SHARED_MEMORY_DISABLED"
 SHARED_MEMORY_NOT_LOCAL = "SHARED_MEMORY_NOT_LOCAL"
 """Shared memory through a proxy (the call carries ``x-forwarded-for``, as the gateway's do)."""
 SHARED_MEMORY_OBJECT_UNUSABLE = "SHARED_MEMORY_OBJECT_UNUSABLE"
-"""The object cannot serve as a region: not openable read-write, a symlink or not a regular file, hard-linked, or
-it shrank below the registered region."""
+"""The object cannot serve as a region: not openable read-write, a symlink or not a regular file, hard-linked, it
+shrank below the registered region, or a read or write of it failed (a full /dev/shm)."""
 
 # --- RESOURCE_EXHAUSTED (not worth a retry: the same request fails the same way) ---------------------
 TOO_MANY_INPUT_ELEMENTS = "TOO_MANY_INPUT_ELEMENTS"

@@ -146,33 +146,37 @@ class _Region:
     def read(self, offset: int, size: int, what: str) -> bytes:
         """``size`` bytes at ``offset`` in the region."""
         fd, start = self._open_fd(), self.offset + offset
-        data = os.pread(fd, size, start)
-        if len(data) < size:  # the object's end, or the kernel's cap on one read (2 GiB)
-            parts, done = [data], len(data)
-            while done < size:
-                part = os.pread(fd, size - done, start + done)
-                if not part:
-                    raise FailedPrecondition(
-                        f"{what}: shared memory region {clip(self.name)!r} ends early: its object "
-                        f"{clip(self.key)!r} shrank below the {self.byte_size} bytes registered",
-                        reason=reasons.SHARED_MEMORY_OBJECT_UNUSABLE,
-                    )
-                parts.append(part)
-                done += len(part)
-            data = b"".join(parts)
+        try:
+            data = os.pread(fd, size, start)
+            if len(data) < size:  # the object's end, or the kernel's cap on one read (2 GiB)
+                parts, done = [data], len(data)
+                while done < size:
+                    part = os.pread(fd, size - done, start + done)
+                    if not part:
+                        raise self._unusable(what, f"its object shrank below the {self.byte_size} bytes registered")
+                    parts.append(part)
+                    done += len(part)
+                data = b"".join(parts)
+        except OSError as error:
+            raise self._unusable(what, f"reading it failed: {error.strerror or type(error).__name__}") from None
         return data
 
     def write(self, offset: int, data: memoryview, what: str) -> None:
         fd = self._open_fd()
-        if os.fstat(fd).st_size < self.end_in_object():
-            raise FailedPrecondition(
-                f"{what}: the object {clip(self.key)!r} of shared memory region {clip(self.name)!r} shrank below "
-                f"the {self.byte_size} bytes registered",
-                reason=reasons.SHARED_MEMORY_OBJECT_UNUSABLE,
-            )
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], self.offset + offset + done)
+        try:
+            if os.fstat(fd).st_size < self.end_in_object():  # a write past the end would grow the object
+                raise self._unusable(what, f"its object shrank below the {self.byte_size} bytes registered")
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], self.offset + offset + done)
+        except OSError as error:  # e.g. ENOSPC: the tmpfs is full (the object's pages are allocated on write)
+            raise self._unusable(what, f"writing it failed: {error.strerror or type(error).__name__}") from None
+
+    def _unusable(self, what: str, why: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"{what}: shared memory region {clip(self.name)!r} (object {clip(self.key)!r}) cannot be used: {why}",
+            reason=reasons.SHARED_MEMORY_OBJECT_UNUSABLE,
+        )
 
     def _open_fd(self) -> int:
         if self.fd < 0:
