@@ -1,4 +1,5 @@
-"""Shared by the deployment tests: the tools (found or a clear failure), the rendered overlays.
+"""Shared by the deployment tests: the tools (found or a clear failure), the rendered overlays, and the
+Secret the prod overlay refers to, made by the commands deploy/README.md gives the operator.
 
 The tools are pinned Python packages that `make setup` installs into .venv (see deploy/README.md,
 "Validated in CI"). A missing tool fails the test that needs it, naming the package to install:
@@ -10,10 +11,10 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ NAMESPACES = {"dev": "ml-platform-dev", "prod": "ml-platform"}
 PREFIXES = {"gateway": "GATEWAY_", "auth": "AUTH_", "inference": "INFERENCE_"}
 # The Kubernetes version every rendered object is validated against (kubernetes-validate's schemas).
 KUBERNETES_VERSION = "1.34.0"
+# The Secret the prod overlay refers to by name and never renders: the operator creates it (deploy/README.md).
+OPERATOR_SECRET = "auth-secrets"
 # Environment names the manifests set for a coming feature: no settings field reads them yet.
 NOT_YET_READ: set[str] = set()  # AUTH_DATABASE_URL is read since issue 14
 
@@ -90,29 +93,25 @@ def kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
     return run([tool("kubectl"), "kustomize", str(directory)])
 
 
-def prepare_prod_secrets(overlay: Path) -> None:
-    """Put the files the prod overlay's secretGenerator reads in place, as an operator does."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    secrets = overlay / "secrets"
-    env = (secrets / "auth.env.example").read_text()
-    env = env.replace("AUTH_BOOTSTRAP_ADMIN_PASSWORD=\n", "AUTH_BOOTSTRAP_ADMIN_PASSWORD=rendered-in-a-test-only\n")
-    (secrets / "auth.env").write_text(env)
-    key = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    (secrets / "signing_key.pem").write_bytes(key)
+def shell_blocks(markdown: str) -> list[str]:
+    """The ```sh blocks of a Markdown text (also those indented in a list), dedented."""
+    blocks = re.findall(r"^( *)```sh\n(.*?)^\1```", markdown, re.MULTILINE | re.DOTALL)
+    return [textwrap.dedent(indent + body) for indent, body in blocks]
 
 
-def copy_k8s(destination: Path) -> Path:
-    """deploy/k8s without any real secret file a developer may have put in place."""
-    secrets = K8S / "overlays" / "prod" / "secrets"
+def operator_secret(workdir: Path) -> dict[str, Any]:
+    """The Secret deploy/README.md tells the operator to create, made by running its command as written.
 
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        return {"auth.env", "signing_key.pem"} & set(names) if Path(directory) == secrets else set()
-
-    return Path(shutil.copytree(K8S, destination / "k8s", ignore=ignore))
+    kubectl runs in client dry-run (no cluster: it prints the object it would create), with no kubeconfig.
+    """
+    blocks = [b for b in shell_blocks((DEPLOY / "README.md").read_text()) if "create secret generic" in b]
+    assert len(blocks) == 1, "deploy/README.md: one shell block creates the prod Secret"
+    script = 'kubectl() { "$KUBECTL" "$@" --dry-run=client -o yaml; }\n' + blocks[0]
+    env = {"PATH": os.environ["PATH"], "HOME": str(workdir), "KUBECTL": tool("kubectl")}
+    out = run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=env)
+    assert out.returncode == 0, f"the documented Secret command fails:\n{out.stderr}"
+    loaded: dict[str, Any] = yaml.safe_load(out.stdout)
+    return loaded
 
 
 @dataclass
@@ -121,6 +120,8 @@ class Rendered:
 
     overlay: str
     objects: list[dict[str, Any]]
+    # Objects the operator creates beside the overlay (never rendered by it), for resolving references.
+    provided: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def namespace(self) -> str:
@@ -149,6 +150,13 @@ class Rendered:
                 return obj
         raise AssertionError(f"{self.overlay}: nothing renders {kind} {name}")
 
+    def lookup(self, kind: str, name: str) -> dict[str, Any]:
+        """What a reference reaches in the cluster: a rendered object, or one the operator provides."""
+        for obj in self.provided:
+            if obj["kind"] == kind and obj["metadata"]["name"] == name:
+                return obj
+        return self.by_name(kind, name)
+
     def pod_spec(self, service: str) -> dict[str, Any]:
         spec: dict[str, Any] = self.get("Deployment", service)["spec"]["template"]["spec"]
         return spec
@@ -167,7 +175,7 @@ class Rendered:
             if "configMapRef" in source:
                 env.update(self.by_name("ConfigMap", source["configMapRef"]["name"]).get("data", {}))
             if "secretRef" in source:
-                env.update(decode(self.by_name("Secret", source["secretRef"]["name"])))
+                env.update(decode(self.lookup("Secret", source["secretRef"]["name"])))
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = item["value"]
@@ -177,7 +185,7 @@ class Rendered:
                 data = self.by_name("ConfigMap", ref["configMapKeyRef"]["name"]).get("data", {})
                 key = ref["configMapKeyRef"]["key"]
             else:
-                data = decode(self.by_name("Secret", ref["secretKeyRef"]["name"]))
+                data = decode(self.lookup("Secret", ref["secretKeyRef"]["name"]))
                 key = ref["secretKeyRef"]["key"]
             if key in data:
                 env[item["name"]] = data[key]
@@ -195,22 +203,21 @@ def load(text: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def k8s_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of deploy/k8s with the prod overlay's secret files generated (throwaway key)."""
-    copy = copy_k8s(tmp_path_factory.mktemp("deploy"))
-    prepare_prod_secrets(copy / "overlays" / "prod")
-    return copy
+def prod_secret(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The operator's Secret for prod, from deploy/README.md's command (a throwaway key, placeholder URLs)."""
+    return operator_secret(tmp_path_factory.mktemp("operator"))
 
 
 @pytest.fixture(scope="session")
-def rendered(k8s_copy: Path) -> dict[str, Rendered]:
-    """Every overlay rendered with kubectl kustomize; an overlay that does not render fails its tests."""
+def rendered(prod_secret: dict[str, Any]) -> dict[str, Rendered]:
+    """Every overlay rendered as committed with kubectl kustomize; an overlay that does not render fails its tests."""
     result: dict[str, Rendered] = {}
     for overlay in OVERLAYS:
-        out = kustomize(k8s_copy / "overlays" / overlay)
+        out = kustomize(K8S / "overlays" / overlay)
         if out.returncode != 0:
             pytest.fail(f"kubectl kustomize overlays/{overlay} failed:\n{out.stderr}", pytrace=False)
-        result[overlay] = Rendered(overlay, load(out.stdout))
+        provided = [prod_secret] if overlay == "prod" else []
+        result[overlay] = Rendered(overlay, load(out.stdout), provided)
     return result
 
 

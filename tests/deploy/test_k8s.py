@@ -8,20 +8,23 @@ servers' drain, settings that exist, NetworkPolicies, autoscaling and disruption
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
 from services.common.settings import SettingsError, load_settings
 from tests.deploy.conftest import (
+    DEPLOY,
     K8S,
     KUBERNETES_VERSION,
+    NAMESPACES,
     NOT_YET_READ,
+    OPERATOR_SECRET,
     PREFIXES,
     REPO,
     Rendered,
-    copy_k8s,
-    kustomize,
+    decode,
     readme_ports,
     run,
     service_of,
@@ -79,18 +82,79 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay):
     assert not failures, "\n".join(failures)
 
 
-def test_prod_does_not_render_without_its_secret_files(tmp_path):
-    """No placeholder Secret can be applied by mistake: the operator's files are required."""
-    out = kustomize(copy_k8s(tmp_path) / "overlays" / "prod")
-    assert out.returncode != 0
-    assert "secrets/auth.env" in out.stderr
+def secret_refs(overlay: Rendered, service: str) -> list[tuple[str, str | None, bool]]:
+    """(Secret name, key or None for all of it, optional) of every reference a service's pods make to a Secret."""
+    spec = overlay.pod_spec(service)
+    refs: list[tuple[str, str | None, bool]] = []
+    for container in containers(spec):
+        for source in container.get("envFrom", []):
+            if "secretRef" in source:
+                refs.append((source["secretRef"]["name"], None, bool(source["secretRef"].get("optional"))))
+        for item in container.get("env", []):
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs.append((ref["name"], ref["key"], bool(ref.get("optional"))))
+    for volume in spec["volumes"]:
+        if "secret" in volume:
+            secret = volume["secret"]
+            for item in secret.get("items", [{"key": None}]):
+                refs.append((secret["secretName"], item["key"], bool(secret.get("optional"))))
+    return refs
+
+
+def test_prod_renders_as_committed_with_no_secret(rendered):
+    """No Secret, placeholder or real, can be applied with the overlay: every reference names the operator's."""
+    prod = rendered["prod"]
+    assert not prod.all("Secret")
+    names = {name for service in SERVICE_NAMES for name, _, _ in secret_refs(prod, service)}
+    assert names == {OPERATOR_SECRET}
+
+
+def test_the_operators_secret_command_makes_the_secret_prod_needs(rendered, prod_secret):
+    """deploy/README.md's command (run in client dry-run) makes a valid Secret with every key prod refers to."""
+    import kubernetes_validate
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    assert prod_secret["kind"] == "Secret"
+    assert prod_secret["metadata"] == {"name": OPERATOR_SECRET, "namespace": NAMESPACES["prod"]}
+    kubernetes_validate.validate(prod_secret, KUBERNETES_VERSION, strict=True)
+    keys = set(decode(prod_secret))
+    referenced = {key for name, key, _ in secret_refs(rendered["prod"], "auth") if name == OPERATOR_SECRET}
+    assert keys == referenced, "the command makes exactly the keys the auth pods read"
+    table = (DEPLOY / "README.md").read_text().split("| key | what | required |", 1)[1].split("\n\n", 1)[0]
+    first_cells = [row.strip().split("|")[1] for row in table.splitlines()[2:]]
+    documented = {name for cell in first_cells for name in re.findall(r"`([^`]+)`", cell)}
+    assert documented == keys, "deploy/README.md's table of the Secret's keys"
+    key = load_pem_private_key(decode(prod_secret)["signing_key.pem"].encode(), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+
+
+def test_prod_requires_the_shared_stores_and_the_key(rendered):
+    """A pod without the database URL, the Redis URL or the key does not start, never on a store of its own."""
+    required = {key for name, key, optional in secret_refs(rendered["prod"], "auth") if not optional}
+    assert {"AUTH_DATABASE_URL", "AUTH_RATE_LIMIT_STORAGE_URI", "signing_key.pem"} <= required
+    for name in ("AUTH_DATABASE_URL", "AUTH_RATE_LIMIT_STORAGE_URI"):
+        assert name not in rendered["prod"].get("ConfigMap", "auth-settings")["data"], f"{name} is a secret"
+
+
+def test_prod_auth_replicas_share_postgresql_and_redis(rendered, monkeypatch):
+    prod = rendered["prod"]
+    assert prod.get("Deployment", "auth")["spec"]["replicas"] >= 2
+    for name, value in prod.settings("auth").items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(settings_class("auth"))
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value().startswith("postgresql://")
+    assert settings.rate_limit_storage_uri.startswith(("redis://", "rediss://"))
+    assert settings.signing_key_file is not None
 
 
 def test_no_secret_material_is_committed():
-    secrets = K8S / "overlays" / "prod" / "secrets"
-    for name in ("auth.env", "signing_key.pem"):
-        ignored = run(["git", "-C", str(REPO), "check-ignore", "--quiet", str(secrets / name)])
-        assert ignored.returncode == 0, f"git must ignore {secrets / name}"
+    old_layout = K8S / "overlays" / "prod" / "secrets"  # where secret files lived before the operator's Secret
+    for path in (old_layout / "auth.env", old_layout / "signing_key.pem", K8S / "overlays" / "prod" / "key.pem"):
+        ignored = run(["git", "-C", str(REPO), "check-ignore", "--quiet", str(path)])
+        assert ignored.returncode == 0, f"git must ignore {path}"
     for path in K8S.rglob("*"):
         if path.is_file():
             assert "PRIVATE KEY-----" not in path.read_text(errors="replace"), path
@@ -223,24 +287,20 @@ def test_writable_paths_are_volumes(overlay, service):
 
 
 def test_every_referenced_object_is_rendered(overlay):
+    """Rendered, or (prod's Secret) the operator's; a key a pod requires is in the Secret."""
     for service in SERVICE_NAMES:
         spec = overlay.pod_spec(service)
         for container in containers(spec):
             for source in container.get("envFrom", []):
-                for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
-                    if key in source:
-                        overlay.by_name(kind, source[key]["name"])
-            for item in container.get("env", []):
-                ref = item.get("valueFrom", {})
-                if "secretKeyRef" in ref:
-                    overlay.by_name("Secret", ref["secretKeyRef"]["name"])
+                if "configMapRef" in source:
+                    overlay.by_name("ConfigMap", source["configMapRef"]["name"])
+        for name, key, optional in secret_refs(overlay, service):
+            secret = overlay.lookup("Secret", name) if overlay.overlay == "prod" else overlay.by_name("Secret", name)
+            if key is not None and not optional:
+                assert key in decode(secret), (name, key)
         for volume in spec["volumes"]:
             if "persistentVolumeClaim" in volume:
                 overlay.by_name("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
-            if "secret" in volume:
-                secret = overlay.by_name("Secret", volume["secret"]["secretName"])
-                for item in volume["secret"].get("items", []):
-                    assert item["key"] in secret.get("data", {}), item
         assert spec["serviceAccountName"] in {sa["metadata"]["name"] for sa in overlay.all("ServiceAccount")}
 
 
@@ -298,6 +358,7 @@ def test_secrets_come_from_the_secret(overlay):
     if overlay.overlay == "prod":
         assert configmap["AUTH_ENV"] == "production"
         assert from_secret.get("AUTH_DATABASE_URL") == "AUTH_DATABASE_URL"
+        assert from_secret.get("AUTH_RATE_LIMIT_STORAGE_URI") == "AUTH_RATE_LIMIT_STORAGE_URI"
         key_file = configmap["AUTH_SIGNING_KEY_FILE"]
         mounts = {m["name"]: m for m in container["volumeMounts"]}
         volume = next(v for v in overlay.pod_spec("auth")["volumes"] if "secret" in v)
