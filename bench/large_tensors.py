@@ -8,8 +8,9 @@ Servers, each in its own process (``python -m bench.large_tensors serve ROLE ...
   that returns the request bytes unchanged (no deserializer, no serializer); 128 MiB message limits both
   ways, as our servers have by default.
 * auth, inference and a gateway, built with ``build_server(Settings(...))`` and default settings
-  (128 MiB limits, gateway passthrough). The inference service serves temporary copies of
-  ``models/identity_fp32`` and ``models/sum`` with ``instances`` min = max = 2.
+  (128 MiB limits, gateway passthrough), inference with Triton's system shared-memory extension on. The
+  inference service serves temporary copies of ``models/identity_fp32`` and ``models/sum`` with
+  ``instances`` min = max = 2.
 
 Every server is polled until its ``readiness`` is SERVING (and all four workers are ready) before anything
 is timed. A user registers and logs in through the gateway; its bearer token goes with every gateway call.
@@ -18,7 +19,10 @@ The client (``grpc.aio``, 256 MiB channel options, one channel per server) sends
 ``[rows, 4096]``, raw (as tritonclient does) in a ``ModelInferRequest``, serialised per call by the
 protobuf serializer; the echo gets the very same message (model ``identity_fp32``) and the client parses
 the echoed bytes as a ``ModelInferRequest``, so both sides of the echo carry what ``identity_fp32``'s
-carry. Targets: echo; identity_fp32 direct and through the gateway; sum direct and through the gateway.
+carry. Targets: echo; identity_fp32 direct, through the gateway, and with system shared memory ("identity
+shm": two POSIX shared-memory objects as large as the largest tensor, registered once as regions; each call
+copies the tensor into the input region and sends a request naming both regions, the answer lands in the
+output region, read there in place, as a co-located tritonclient user does); sum direct and through the gateway.
 Each scenario (tensor size, concurrency) warms every target up, then runs ROUNDS rounds, alternating the
 targets and the order they go in; throughput is the median round. MB/s counts payload (tensor bytes, 1 MB
 = 10^6 bytes): both ways for the echo and identity_fp32, the request's only for sum. "vs echo" compares
@@ -41,6 +45,7 @@ decoding and encoding (``codec``) and the supervisor -> worker hand-over (``ipc`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -58,6 +63,7 @@ import numpy as np
 from auth.v1 import auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference import grpc_service_pb2 as pb
+from inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub as ShmStub
 from inference.v1 import worker_pool_pb2 as admin_pb
 from inference.v1 import worker_pool_pb2_grpc
 
@@ -78,6 +84,7 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 * MiB), ("grpc.max_recei
 ECHO_SERVICE, ECHO_METHOD = "bench.Echo", "Echo"
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 COLUMNS = 4096  # the tensor is [rows, 4096] FP32: 16 KiB a row
+SHM_IN, SHM_OUT = "bench-in", "bench-out"  # the shared-memory regions' names (keys: their objects in /dev/shm)
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,9 @@ SCENARIOS = (
     Scenario(mib=64, concurrency=1, rounds=5, calls=2, warmup=1),
     Scenario(mib=8, concurrency=4, rounds=5, calls=16, warmup=8),
 )
-TARGET_RATIO = 0.80  # identity_fp32 vs the bare echo at 8 MiB (issue 9)
+TARGET_RATIO = 0.80  # identity_fp32 vs the bare echo at 8 MiB, directly (issues 9 and 15)
+GATEWAY_TARGET_RATIO = 0.60  # the same through the gateway (issue 15)
+SHM_TARGET_RATIO = 3.0  # identity_fp32 with its tensors in system shared memory vs the echo over gRPC (issue 15)
 MICRO_REPEATS = {8: 9, 64: 5}
 _READY = (admin_pb.WORKER_STATE_READY, admin_pb.WORKER_STATE_BUSY)
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output", "success")
@@ -149,7 +158,7 @@ async def _serve(role: str, args: Sequence[str]) -> None:
             from services.inference.settings import InferenceSettings
 
             repository = pinned_repository(Path(root), Path(args[0]) if args else MODELS, [IDENTITY, SUM], WORKERS)
-            settings = InferenceSettings(**common, model_repository=repository)
+            settings = InferenceSettings(**common, model_repository=repository, shared_memory_enabled=True)
             assert settings.max_message_bytes == MESSAGE_LIMIT, settings.max_message_bytes
             built = await build_inference(settings)
         elif role == "gateway":
@@ -251,6 +260,68 @@ class Target:
     both_ways: bool  # the payload comes back (echo, identity_fp32) or not (sum)
     metadata: tuple[tuple[str, str], ...] = ()
     stats: bool = False  # read the inference service's ModelStatistics around its rounds
+    outbound: np.ndarray | None = None  # where the answer lands (system shared memory), else in the response
+
+
+class SharedMemoryCall:
+    """ModelInfer with the input and the output in system shared memory (Triton's extension), as a client on
+    the service's host uses it: each call writes the tensor into the input region (the client's copy, like
+    serialisation for the others), sends a request that names both regions and leaves the answer in the output
+    region, read there in place."""
+
+    def __init__(self, infer: grpc.aio.UnaryUnaryMultiCallable, inbound: np.ndarray, tensor_of: dict[int, np.ndarray]):
+        self._infer = infer
+        self._inbound = inbound  # the input region, mapped here
+        self._tensor_of = tensor_of  # the current scenario's tensor, by request identity
+
+    async def __call__(
+        self,
+        request: pb.ModelInferRequest,
+        timeout: float,  # noqa: ASYNC109  (the gRPC stub's signature)
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> pb.ModelInferResponse:
+        tensor = self._tensor_of[id(request)]
+        np.copyto(self._inbound[: tensor.size].reshape(tensor.shape), tensor)
+        response: pb.ModelInferResponse = await self._infer(request, timeout=timeout, metadata=metadata)
+        return response
+
+
+class _Regions:
+    """Two POSIX shared-memory objects of ``size`` bytes in /dev/shm (input, output), mapped here."""
+
+    def __init__(self, size: int) -> None:
+        import mmap
+
+        self.keys = [f"/bench-large-tensors-{os.getpid()}-{which}" for which in ("in", "out")]
+        self._maps = []
+        for key in self.keys:
+            fd = os.open(ipc.SHM_DIR + key, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                self._maps.append(mmap.mmap(fd, size))
+            finally:
+                os.close(fd)
+        self.views = [np.frombuffer(mapping, dtype=np.float32) for mapping in self._maps]
+
+    def close(self) -> None:
+        del self.views
+        for mapping in self._maps:
+            with contextlib.suppress(BufferError):
+                mapping.close()
+        for key in self.keys:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ipc.SHM_DIR + key)
+
+
+def _region_request(tensor: np.ndarray) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=IDENTITY)
+    tensor_in = request.inputs.add(name="INPUT0", datatype="FP32", shape=list(tensor.shape))
+    tensor_in.parameters["shared_memory_region"].string_param = SHM_IN
+    tensor_in.parameters["shared_memory_byte_size"].int64_param = tensor.nbytes
+    tensor_out = request.outputs.add(name="OUTPUT0")
+    tensor_out.parameters["shared_memory_region"].string_param = SHM_OUT
+    tensor_out.parameters["shared_memory_byte_size"].int64_param = tensor.nbytes
+    return request
 
 
 class Meter:
@@ -338,7 +409,7 @@ async def _compare(
     results = {target.name: Result() for target in targets}
     for round_ in range(scenario.rounds):
         for target in targets if round_ % 2 == 0 else list(reversed(targets)):
-            request = requests[target.model]
+            request = requests[target.name] if target.name in requests else requests[target.model]
             phases_before = await meter.phases(target.model) if target.stats else {}
             before = meter.cpu()
             rate, latencies = await _drive(target, request, scenario.concurrency, scenario.calls)
@@ -436,8 +507,11 @@ async def _check(targets: Sequence[Target], requests: dict[str, pb.ModelInferReq
     """Every target answers right, once, outside the timing."""
     sums = tensor.sum(axis=1, dtype=np.float32)
     for target in targets:
-        answer = await target.call(requests[target.model], timeout=60, metadata=target.metadata)
-        if target.model == IDENTITY and isinstance(answer, pb.ModelInferRequest):  # the echo
+        request = requests[target.name] if target.name in requests else requests[target.model]
+        answer = await target.call(request, timeout=60, metadata=target.metadata)
+        if target.outbound is not None:
+            assert np.array_equal(target.outbound[: tensor.size].reshape(tensor.shape), tensor), target.name
+        elif target.model == IDENTITY and isinstance(answer, pb.ModelInferRequest):  # the echo
             assert answer == requests[IDENTITY], target.name
         elif target.model == IDENTITY:
             assert np.array_equal(response_arrays(answer)["OUTPUT0"], tensor), target.name
@@ -454,6 +528,7 @@ async def main() -> None:
     steps = {mib: _steps(mib) for mib in sorted({scenario.mib for scenario in SCENARIOS})}
 
     servers: list[Server] = []
+    cleanup: list[Callable[[], None]] = []
     results: dict[Scenario, dict[str, Result]] = {}
     sizes: dict[int, int] = {}
     try:
@@ -487,8 +562,19 @@ async def main() -> None:
             request_serializer=pb.ModelInferRequest.SerializeToString,
             response_deserializer=pb.ModelInferRequest.FromString,  # the echo returns the request
         )
+        largest = max(scenario.mib for scenario in SCENARIOS) * MiB
+        regions = _Regions(largest)
+        cleanup.append(regions.close)
+        shm_rpc = ShmStub(inference.channel)
+        for name, key in ((SHM_IN, regions.keys[0]), (SHM_OUT, regions.keys[1])):
+            await shm_rpc.SystemSharedMemoryRegister(
+                pb.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=0, byte_size=largest), timeout=10
+            )
+        tensor_of: dict[int, np.ndarray] = {}
+        shm_call = SharedMemoryCall(infer(inference.channel), regions.views[0], tensor_of)
         targets = [
             Target("echo", bare, IDENTITY, both_ways=True),
+            Target("identity shm", shm_call, IDENTITY, both_ways=True, outbound=regions.views[1]),
             Target("identity direct", infer(inference.channel), IDENTITY, both_ways=True, stats=True),
             Target("identity gateway", infer(gateway.channel), IDENTITY, both_ways=True, metadata=bearer),
             Target("sum direct", infer(inference.channel), SUM, both_ways=False, stats=True),
@@ -501,9 +587,13 @@ async def main() -> None:
             tensor = _tensor(scenario.mib)
             sizes[scenario.mib] = tensor.nbytes
             requests = {model: make_infer_request(model, {"INPUT0": ("FP32", tensor)}) for model in (IDENTITY, SUM)}
+            requests["identity shm"] = _region_request(tensor)
+            tensor_of.clear()
+            tensor_of[id(requests["identity shm"])] = tensor
             await _check(targets, requests, tensor)
             for target in targets:  # warm-up: channels, every worker, every code path
-                await _drive(target, requests[target.model], scenario.concurrency, scenario.warmup)
+                request = requests[target.name] if target.name in requests else requests[target.model]
+                await _drive(target, request, scenario.concurrency, scenario.warmup)
             results[scenario] = await _compare(targets, requests, scenario, meter)
             del tensor, requests
         seconds = time.perf_counter() - measuring
@@ -512,6 +602,8 @@ async def main() -> None:
     finally:
         for server in reversed(servers):
             await server.close()
+        for close in cleanup:
+            close()
     elapsed = time.perf_counter() - began
     _report(results, sizes, steps, elapsed)
     print(f"Machine busy during the measurements: {machine}; load average before the run {load_before:.2f}.")
@@ -565,10 +657,13 @@ def _report(
             ratio = by_target["identity direct"].rate / by_target["echo"].rate
             via = by_target["identity gateway"].rate / by_target["echo"].rate
             verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+            shm = by_target["identity shm"].rate / by_target["echo"].rate
             print(
                 f"\nTarget identity_fp32 >= {TARGET_RATIO:.0%} of the echo at 8 MiB, concurrency {scenario.concurrency}: "
                 f"direct {ratio:.0%} ({verdict}), through the gateway {via:.0%} "
-                f"({'met' if via >= TARGET_RATIO else 'NOT met'})."
+                f"({'met' if via >= GATEWAY_TARGET_RATIO else 'NOT met'} against {GATEWAY_TARGET_RATIO:.0%}); "
+                f"with system shared memory {shm:.1f}x the echo "
+                f"({'met' if shm >= SHM_TARGET_RATIO else 'NOT met'} against {SHM_TARGET_RATIO:.0f}x)."
             )
     print(f"\nWhole run: {elapsed:.0f} s.")
 
