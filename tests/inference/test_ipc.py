@@ -318,7 +318,7 @@ def arena_call(request_id: int, size: int, value: float) -> ipc.InferCall:
 
 def test_an_arena_is_reused_from_one_message_to_the_next(shm_prefix):
     arena = ipc.Arena(shm_prefix, "in")
-    reader = ipc.ArenaReader(shm_prefix, copy=True)
+    reader = ipc.ArenaReader(shm_prefix)
     try:
         names = set()
         for request_id, value in enumerate((1.0, 2.0, 3.0), start=1):
@@ -345,10 +345,12 @@ def test_an_arena_is_reused_from_one_message_to_the_next(shm_prefix):
     assert segments(shm_prefix) == []
 
 
-def test_copied_arena_tensors_survive_the_next_message(shm_prefix):
-    """The supervisor's reader copies: an answer it still holds is not changed by the worker's next one."""
+@pytest.mark.parametrize("writable", [False, True])
+def test_arena_tensors_are_copies_that_survive_the_next_message(shm_prefix, writable):
+    """Whatever the receiver decoded stays as it was when the sender reuses the arena: the supervisor may hold
+    an answer while the worker writes the next one, and a model may keep (or, writable, change) its inputs."""
     arena = ipc.Arena(shm_prefix, "out")
-    reader = ipc.ArenaReader(shm_prefix, copy=True)
+    reader = ipc.ArenaReader(shm_prefix, writable=writable)
     try:
         first = ipc.decode(
             payload_of(ipc.encode(arena_call(1, MiB, 1.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena)),
@@ -357,21 +359,15 @@ def test_copied_arena_tensors_survive_the_next_message(shm_prefix):
         )
         ipc.encode(arena_call(2, MiB, 2.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena)
         assert (first.inputs["a"] == 1.0).all()
-    finally:
-        arena.close()
-        reader.close()
-
-
-def test_private_arena_tensors_are_writable_without_touching_the_arena(shm_prefix):
-    """The worker's reader maps copy-on-write: a model may write to its inputs."""
-    arena = ipc.Arena(shm_prefix, "in")
-    reader = ipc.ArenaReader(shm_prefix, copy=False)
-    try:
-        frame = payload_of(ipc.encode(arena_call(1, MiB, 1.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena))
-        mine = ipc.decode(frame, shm_prefix=shm_prefix, arena=reader)
-        mine.inputs["a"][:] = 7.0
-        again = ipc.decode(frame, shm_prefix=shm_prefix, arena=reader)
-        assert (again.inputs["a"] == 1.0).all()
+        assert first.inputs["a"].flags.writeable is writable
+        if writable:
+            first.inputs["a"][:] = 7.0
+            again = ipc.decode(
+                payload_of(ipc.encode(arena_call(3, MiB, 3.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena)),
+                shm_prefix=shm_prefix,
+                arena=reader,
+            )
+            assert (again.inputs["a"] == 3.0).all()
     finally:
         arena.close()
         reader.close()
@@ -384,7 +380,7 @@ def test_an_arena_frame_is_refused_by_a_reader_without_an_arena_or_outside_its_p
         with pytest.raises(ipc.ProtocolError, match="reads no arena"):
             ipc.decode(frame, shm_prefix=shm_prefix)
         with pytest.raises(ipc.ProtocolError, match="is not a segment under"):
-            ipc.decode(frame, shm_prefix="mlp-someone-else-", arena=ipc.ArenaReader("mlp-someone-else-", copy=True))
+            ipc.decode(frame, shm_prefix="mlp-someone-else-", arena=ipc.ArenaReader("mlp-someone-else-"))
         assert segments(shm_prefix) == [arena.name]  # a refused frame never removes the sender's arena
     finally:
         arena.close()
@@ -396,7 +392,7 @@ def test_a_message_larger_than_the_arena_limit_uses_segments_of_its_own(shm_pref
         frame = ipc.encode(arena_call(1, 2 * MiB, 1.0), shm_threshold=1024, shm_prefix=shm_prefix, arena=arena)
         assert arena.name == ""
         assert len(segments(shm_prefix)) == 2  # one per tensor, for the receiver to remove
-        decoded = ipc.decode(payload_of(frame), shm_prefix=shm_prefix, arena=ipc.ArenaReader(shm_prefix, copy=True))
+        decoded = ipc.decode(payload_of(frame), shm_prefix=shm_prefix, arena=ipc.ArenaReader(shm_prefix))
         assert_same_values(decoded.inputs, arena_call(1, 2 * MiB, 1.0).inputs)
         assert segments(shm_prefix) == []
     finally:

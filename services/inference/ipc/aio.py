@@ -53,7 +53,7 @@ class FrameReader:
         self._transport = transport
         self._max_frame_bytes = max_frame_bytes
         self._shm_prefix = shm_prefix
-        self._arena = shm.ArenaReader(shm_prefix, copy=True)  # the answers' tensors, copied out at once
+        self._arena = shm.ArenaReader(shm_prefix)  # the answers' tensors, copied out at once
         self._broken: ProtocolError | None = None
 
     async def read_payload(self) -> bytes:

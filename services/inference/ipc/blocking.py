@@ -27,7 +27,7 @@ class BlockingChannel:
     ``shm_threshold`` and ``shm_prefix`` are the defaults of :meth:`send` (no prefix: all inline);
     with ``shm_prefix``, :meth:`read` refuses segments outside it too. ``arena`` (with a prefix): the
     tensors this end sends go through one reusable arena (tag ``out``, ``arena_bytes`` to ``arena_max_bytes``), and the
-    peer's arena is read with private copy-on-write mappings (see :mod:`services.inference.ipc.shm`);
+    tensors read from the peer's arena are writable copies (see :mod:`services.inference.ipc.shm`);
     only one thread may send tensors then.
     """
 
@@ -44,7 +44,7 @@ class BlockingChannel:
         arena_max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._arena = shm.Arena(shm_prefix, "out", arena_bytes, arena_max_bytes) if arena and shm_prefix else None
-        self._peer_arena = shm.ArenaReader(shm_prefix or None, copy=False) if arena and shm_prefix else None
+        self._peer_arena = shm.ArenaReader(shm_prefix or None, writable=True) if arena and shm_prefix else None
         self._reader = open(read_fd, "rb", buffering=_READ_BUFFER)  # noqa: SIM115  (closed by close())
         self._write_fd = write_fd
         self._shm_threshold = shm_threshold

@@ -292,7 +292,7 @@ class _Source:
     arena: shm.ArenaReader | None
 
     def read(self, ref: pb.WorkerFrame.SharedMemoryRef) -> Any:
-        """The tensor's bytes (arena: a copy or a private mapping; a segment of its own: its mapping)."""
+        """The tensor's bytes (arena: a copy; a segment of its own: its mapping)."""
         if ref.arena:
             if self.arena is None:
                 raise ProtocolError(f"tensor in arena {ref.name!r}, and this reader reads no arena")

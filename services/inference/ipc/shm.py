@@ -12,12 +12,11 @@ allocated in full at once (``posix_fallocate``: a full tmpfs is an error there, 
 later write), mapped by the sender for as long as it lives and written in place; a message that
 needs more room moves to a new, larger generation and the old one is unlinked. Tensors sit at
 page-aligned offsets. The receiver keeps the current generation open and never removes it. Reuse is
-safe because each direction carries one message with tensors at a time: the supervisor sends a
-worker its next call only after the answer to the previous one, and copies that answer's tensors
-out of the worker's arena before it sends the next call (``ArenaReader(copy=True)``); the worker maps
-a call's tensors privately and copy-on-write (``ArenaReader(copy=False)``), so a model may write to
-its inputs, and keeping them after ``predict`` returns is the model's risk (they may change with the
-next call: copy what is kept).
+safe because each direction carries one message with tensors at a time (the supervisor sends a
+worker its next call only after the answer to the previous one) and because the receiver copies each
+tensor out of the arena as it decodes the frame (:class:`ArenaReader`): nothing it hands on refers
+to the arena, so a model may keep or write its inputs, and the supervisor may hold an answer while the
+worker already writes the next one.
 
 Both kinds live under the sender's prefix, so :func:`sweep_segments` removes whatever a dead peer
 left, arenas included. An empty prefix, or no /dev/shm (or a full one), sends tensors inline.
@@ -234,23 +233,25 @@ class Arena:
 
 
 class ArenaReader:
-    """A receiver's view of its peer's arena: the current generation kept open, tensors read from it.
+    """A receiver's view of its peer's arena: the current generation kept mapped (read-only), and each
+    tensor copied out of it as it is decoded, so that nothing refers to the arena once the peer reuses it.
 
-    ``copy=True`` (the supervisor): :meth:`read` returns a fresh copy, safe after the peer reuses the
-    arena. ``copy=False`` (the worker): a private copy-on-write mapping of the tensor's pages.
+    ``writable=False`` (the supervisor): the copy is ``bytes`` (what a response message takes as it is);
+    ``writable=True`` (the worker): a ``bytearray``, so that a model may write to its inputs. One copy
+    either way, cheaper than mapping the tensor's pages privately (6.7 ms against 0.6-1.2 ms at 8 MiB here).
     """
 
-    def __init__(self, prefix: str | None, *, copy: bool) -> None:
+    def __init__(self, prefix: str | None, *, writable: bool = False) -> None:
         self._prefix = prefix
-        self._copy = copy
+        self._writable = writable
         self._name = ""
-        self._fd = -1
         self._size = 0
-        self._shared: mmap.mmap | None = None
+        self._mapping: mmap.mmap | None = None
+        self._view: memoryview | None = None
 
-    def _open(self, ref: pb.WorkerFrame.SharedMemoryRef) -> None:
-        if ref.name == self._name:
-            return
+    def _open(self, ref: pb.WorkerFrame.SharedMemoryRef) -> memoryview:
+        if ref.name == self._name and self._view is not None:
+            return self._view
         if not is_own_segment(ref.name, self._prefix):
             raise ProtocolError(f"arena name {ref.name!r} is not a segment under {self._prefix!r}")
         try:
@@ -261,28 +262,30 @@ class ArenaReader:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode) or status.st_size == 0:
                 raise ProtocolError(f"arena {ref.name!r} is not a file")
-            shared = mmap.mmap(fd, status.st_size, access=mmap.ACCESS_READ) if self._copy else None
-        except BaseException:
+            mapping = mmap.mmap(fd, status.st_size, access=mmap.ACCESS_READ)
+        finally:
             os.close(fd)
-            raise
         self.close()
-        self._name, self._fd, self._size, self._shared = ref.name, fd, status.st_size, shared
+        self._name, self._size, self._mapping = ref.name, status.st_size, mapping
+        self._view = memoryview(mapping)
+        return self._view
 
-    def read(self, ref: pb.WorkerFrame.SharedMemoryRef) -> bytes | mmap.mmap:
-        """The ``ref.size`` bytes at ``ref.offset`` of the peer's arena (see the class docstring)."""
-        self._open(ref)
+    def read(self, ref: pb.WorkerFrame.SharedMemoryRef) -> bytes | bytearray:
+        """A copy of the ``ref.size`` bytes at ``ref.offset`` of the peer's arena (see the class docstring)."""
+        view = self._open(ref)
         if ref.offset % PAGE or ref.offset + ref.size > self._size:
             raise ProtocolError(f"arena {ref.name!r}: {ref.size} bytes at {ref.offset} do not fit {self._size}")
-        if self._shared is not None:
-            return self._shared[ref.offset : ref.offset + ref.size]
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(self._fd, ref.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=ref.offset)
+        part = view[ref.offset : ref.offset + ref.size]
+        try:
+            return bytearray(part) if self._writable else bytes(part)
+        finally:
+            part.release()
 
     def close(self) -> None:
-        if self._shared is not None:
-            self._shared.close()
-            self._shared = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._mapping is not None:
+            self._mapping.close()
+            self._mapping = None
         self._name, self._size = "", 0
