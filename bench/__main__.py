@@ -5,6 +5,7 @@ import asyncio
 from bench import (
     auth_login,
     auth_reset,
+    auth_stores,
     chassis_overhead,
     gateway_hop,
     inference_iris,
@@ -18,6 +19,7 @@ if __name__ == "__main__":
     asyncio.run(chassis_overhead.main())
     asyncio.run(auth_login.main())
     asyncio.run(auth_reset.main())
+    asyncio.run(auth_stores.main())
     asyncio.run(ipc_throughput.main())
     asyncio.run(vs_mlserver.main())
     asyncio.run(inference_iris.main())

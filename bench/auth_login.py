@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +86,10 @@ async def serve(name: str, overrides: dict[str, Any]) -> None:
 class Server:
     """One auth server process (``python -m MODULE serve NAME``) and a channel to it."""
 
-    def __init__(self, name: str, module: str = "bench.auth_login") -> None:
+    def __init__(self, name: str, module: str = "bench.auth_login", args: Sequence[str] = ()) -> None:
         self.name = name
         self.process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", module, "serve", name],
+            [sys.executable, "-m", module, "serve", name, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
