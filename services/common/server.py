@@ -43,6 +43,7 @@ from services.common.metrics import ClientMetricsInterceptor, MetricsEndpoint, S
 from services.common.request_log import RequestLog
 from services.common.settings import ServiceSettings
 from services.common.telemetry import create_tracer_provider
+from services.common.tls import ServerCertificates
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class GrpcServer:
     def __init__(self, settings: ServiceSettings, service: str):
         self.settings = settings
         self.service = service
+        self._certificates = ServerCertificates.from_settings(settings)  # first: SettingsError for a bad file
         self.registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):  # memory, CPU, fds, start time, GC
             collector(registry=self.registry)
@@ -86,6 +88,11 @@ class GrpcServer:
         )
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        # Kubernetes' gRPC probes speak no TLS: a plaintext port with health only, the same answers.
+        self._health_server: grpc.aio.Server | None = None
+        if settings.health_port is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
         self._service_names: list[str] = []
         self._closers: list[Closer] = []
         self._metrics = MetricsEndpoint(self.registry, settings.host, settings.metrics_port)
@@ -99,6 +106,7 @@ class GrpcServer:
         self._stopping: asyncio.Future[None] | None = None
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
 
     # -- assembly (before start) ------------------------------------------------------------
 
@@ -160,11 +168,21 @@ class GrpcServer:
                 [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], self._server
             )
             address = f"{self.settings.host}:{self.settings.port}"
-            self.port = self._server.add_insecure_port(address)
+            if self._certificates is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, self._certificates.credentials())
             if self.port == 0:
                 raise OSError(f"cannot bind the gRPC port at {address}")
+            if self._health_server is not None:
+                health_address = f"{self.settings.host}:{self.settings.health_port}"
+                self.health_port = self._health_server.add_insecure_port(health_address)
+                if self.health_port == 0:
+                    raise OSError(f"cannot bind the health port at {health_address}")
             await self._server.start()
             self._started = True
+            if self._health_server is not None:
+                await self._health_server.start()
             self.metrics_port = self._metrics.start()
             await self._health.set("", _SERVING)
             await self._health.set(LIVENESS, _SERVING)
@@ -176,6 +194,8 @@ class GrpcServer:
                 extra=fields(
                     host=self.settings.host,
                     port=self.port,
+                    transport=self.settings.tls_mode,
+                    health_port=self.health_port or None,
                     metrics_port=self.metrics_port,
                     services=self._service_names,
                     ready=ready,
@@ -234,6 +254,8 @@ class GrpcServer:
             if self._started:
                 log.info("server.closing", extra=fields(grace_seconds=grace))  # no new RPCs; accepted ones finish
                 await self._server.stop(grace)
+                if self._health_server is not None:  # probes see NOT_SERVING until the main port is gone
+                    await self._health_server.stop(grace)
             for closer in reversed(self._closers):
                 try:
                     await closer()

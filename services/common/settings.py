@@ -9,9 +9,10 @@ pydantic traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -50,6 +51,47 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["json", "console"] = Field(
         default="json", description="JSON lines, or a human-readable console rendering."
     )
+
+    # Transport security (the files are checked when the server is built: services.common.tls)
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate chain of the gRPC port; with the key, the port serves TLS only. Re-read when"
+        " the file changes.",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of the certificate.")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA certificates: every client must present a certificate that chains to one (mutual TLS).",
+    )
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="A plaintext port serving only grpc.health.v1.Health (Kubernetes gRPC probes speak no TLS);"
+        " unset: none (0 picks a free port).",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ServiceSettings:
+        cls = type(self)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing, given = (
+                ("tls_key_file", "tls_cert_file") if self.tls_key_file is None else ("tls_cert_file", "tls_key_file")
+            )
+            raise ValueError(f"{env_name(cls, missing)} is required when {env_name(cls, given)} is set")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                f"{env_name(cls, 'tls_client_ca_file')} needs {env_name(cls, 'tls_cert_file')} and"
+                f" {env_name(cls, 'tls_key_file')} (mutual TLS is TLS first)"
+            )
+        return self
+
+    @property
+    def tls_mode(self) -> Literal["plaintext", "tls", "mtls"]:
+        """What the gRPC port speaks."""
+        if self.tls_cert_file is None:
+            return "plaintext"
+        return "mtls" if self.tls_client_ca_file is not None else "tls"
 
 
 class SettingsError(Exception):
