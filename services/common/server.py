@@ -43,7 +43,7 @@ from services.common.metrics import ClientMetricsInterceptor, MetricsEndpoint, S
 from services.common.request_log import RequestLog
 from services.common.settings import ServiceSettings
 from services.common.telemetry import create_tracer_provider
-from services.common.tls import ServerCertificates
+from services.common.tls import ClientCertificates, ServerCertificates
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,15 @@ class GrpcServer:
         """Run ``closer`` after the server has stopped (pools, stores); last added, first run."""
         self._closers.append(closer)
 
-    def connect(self, target: str, idempotent_methods: Sequence[tuple[str, str]] = ()) -> grpc.aio.Channel:
-        """A channel to another service, traced and measured, closed at shutdown."""
+    def connect(
+        self,
+        target: str,
+        idempotent_methods: Sequence[tuple[str, str]] = (),
+        *,
+        tls: ClientCertificates | None = None,
+        tls_server_name: str | None = None,
+    ) -> grpc.aio.Channel:
+        """A channel to another service, traced and measured, closed at shutdown; TLS with ``tls``."""
         if self._client_metrics is None:  # registered once, on the first channel
             self._client_metrics = ClientMetricsInterceptor(self.registry)
         channel = create_channel(
@@ -144,6 +151,8 @@ class GrpcServer:
             tracer_provider=self.tracer_provider,
             client_metrics=self._client_metrics,
             idempotent_methods=idempotent_methods,
+            tls=tls,
+            tls_server_name=tls_server_name,
         )
 
         async def close() -> None:

@@ -154,3 +154,50 @@ class ServerCertificates:
         except Exception:  # never let an exception cross into gRPC's handshake
             log.exception("tls.reload_failed")
             return None
+
+
+class ClientCertificates:
+    """What a channel to another service trusts (a CA) and, for mutual TLS, the certificate it presents.
+
+    :meth:`poll` re-reads the files when one changed and returns new credentials, or None (unchanged, or a
+    changed set that does not check out: logged, the previous one kept).
+    """
+
+    def __init__(self, ca: PemFile, cert: PemFile | None = None, key: PemFile | None = None):
+        if (cert is None) != (key is None):
+            raise ValueError("a client certificate needs its key")
+        self._ca, self._cert, self._key = ca, cert, key
+        self._lock = threading.Lock()
+        self._seen = self._signature()
+        self._credentials = self._load()  # SettingsError at start-up
+
+    def _files(self) -> tuple[PemFile, ...]:
+        return (self._ca,) if self._cert is None or self._key is None else (self._ca, self._cert, self._key)
+
+    def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
+        return tuple(pem.signature() for pem in self._files())
+
+    def _load(self) -> grpc.ChannelCredentials:
+        root = check_ca(self._ca)
+        if self._cert is None or self._key is None:
+            return grpc.ssl_channel_credentials(root)
+        cert_pem, key_pem = check_key_pair(self._cert, self._key)
+        return grpc.ssl_channel_credentials(root, key_pem, cert_pem)
+
+    @property
+    def credentials(self) -> grpc.ChannelCredentials:
+        return self._credentials
+
+    def poll(self) -> grpc.ChannelCredentials | None:
+        with self._lock:
+            signature = self._signature()
+            if signature == self._seen:
+                return None
+            self._seen = signature
+            try:
+                self._credentials = self._load()
+            except SettingsError as error:
+                log.warning("tls.reload_failed", extra=fields(error=str(error), kept="the previous certificate"))
+                return None
+            log.info("tls.reloaded", extra=fields(ca_file=str(self._ca.path)))
+            return self._credentials

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from auth.v1 import auth_pb2, auth_pb2_grpc
 from gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from inference import grpc_service_pb2
 
 from services.common.errors import FailedPrecondition
 from services.common.server import GrpcServer
+from services.common.settings import env_name
+from services.common.tls import ClientCertificates, PemFile
 from services.gateway.access import Access, TokenValidator
 from services.gateway.forwarding import Upstream, forwarding_handler, refusing_handler
 from services.gateway.monitor import UpstreamMonitor
@@ -81,11 +85,31 @@ INFERENCE_IDEMPOTENT = [
 ] + [("inference.v1.WorkerPoolService", "GetWorkerHealth"), ("grpc.health.v1.Health", "")]
 
 
+def upstream_tls(settings: GatewaySettings) -> ClientCertificates | None:
+    """The CA (and client certificate) of the calls to auth and inference; SettingsError for a bad file."""
+    if settings.upstream_tls_ca_file is None:
+        return None
+
+    def pem(path: Path | None, field: str) -> PemFile | None:
+        return None if path is None else PemFile(path, env_name(GatewaySettings, field))
+
+    return ClientCertificates(
+        PemFile(settings.upstream_tls_ca_file, env_name(GatewaySettings, "upstream_tls_ca_file")),
+        pem(settings.upstream_tls_cert_file, "upstream_tls_cert_file"),
+        pem(settings.upstream_tls_key_file, "upstream_tls_key_file"),
+    )
+
+
 async def build_server(settings: GatewaySettings) -> GrpcServer:
+    tls, name = upstream_tls(settings), settings.upstream_tls_server_name
     server = GrpcServer(settings, SERVICE)
     server.initially_ready = False  # ready once both upstreams answer
-    auth_channel = server.connect(settings.auth_target, idempotent_methods=AUTH_IDEMPOTENT)
-    inference_channel = server.connect(settings.inference_target, idempotent_methods=INFERENCE_IDEMPOTENT)
+    auth_channel = server.connect(
+        settings.auth_target, idempotent_methods=AUTH_IDEMPOTENT, tls=tls, tls_server_name=name
+    )
+    inference_channel = server.connect(
+        settings.inference_target, idempotent_methods=INFERENCE_IDEMPOTENT, tls=tls, tls_server_name=name
+    )
     timeout, margin = settings.upstream_timeout_seconds, settings.deadline_margin_seconds
     validator = TokenValidator(
         auth_pb2_grpc.AuthServiceStub(auth_channel),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import MiB, ServiceSettings
+from services.common.settings import MiB, ServiceSettings, env_name
 
 
 class GatewaySettings(ServiceSettings):
@@ -41,3 +43,35 @@ class GatewaySettings(ServiceSettings):
     stream_concurrency: int = Field(
         default=8, ge=1, le=256, description="StreamInfer requests of one stream in flight at once."
     )
+    upstream_tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA certificates; set: the calls to auth and inference use TLS, their certificates checked"
+        " against it.",
+    )
+    upstream_tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM client certificate the gateway presents upstream (mutual TLS); re-read when it changes.",
+    )
+    upstream_tls_key_file: Path | None = Field(default=None, description="PEM private key of that certificate.")
+    upstream_tls_server_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name checked in both upstreams' certificates instead of the targets' host names"
+        " (grpc.ssl_target_name_override).",
+    )
+
+    @model_validator(mode="after")
+    def _upstream_tls(self) -> GatewaySettings:
+        cls = type(self)
+        cert, key = self.upstream_tls_cert_file, self.upstream_tls_key_file
+        if (cert is None) != (key is None):
+            missing, given = ("upstream_tls_key_file", "upstream_tls_cert_file")
+            if key is not None:
+                missing, given = given, missing
+            raise ValueError(f"{env_name(cls, missing)} is required when {env_name(cls, given)} is set")
+        ca = env_name(cls, "upstream_tls_ca_file")
+        if self.upstream_tls_ca_file is None:
+            for field in ("upstream_tls_cert_file", "upstream_tls_server_name"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{env_name(cls, field)} needs {ca} (the CA the upstreams are checked against)")
+        return self

@@ -22,6 +22,9 @@ Actions:
                   through "model" (identity_fp32 or sum); checks the answer here and reports
                   {"shape", "bytes", "correct", "seconds"}
 Errors come back as {"error": {"status": "...", "message": "..."}}.
+
+The first command's "ssl" (optional) makes the client speak TLS (``ssl=True``):
+``{"root_certificates": path, "private_key": path, "certificate_chain": path}`` (the last two for mutual TLS).
 """
 
 import json
@@ -174,7 +177,9 @@ def run(client, command):
 def main():
     command = json.load(sys.stdin)
     commands = command if isinstance(command, list) else [command]
-    client = grpcclient.InferenceServerClient(url=commands[0]["url"])
+    ssl = commands[0].get("ssl")
+    tls = {"ssl": True, **ssl} if ssl else {}
+    client = grpcclient.InferenceServerClient(url=commands[0]["url"], **tls)
     try:
         answers = [run(client, one) for one in commands]
     finally:

@@ -88,6 +88,7 @@ async def start_platform(tmp_path: Path, demo_models: Path) -> AsyncIterator[Cal
         models: tuple[str, ...] = ("iris", "sleepy"),
         auth: dict[str, Any] | None = None,
         inference: dict[str, Any] | None = None,
+        client_credentials: grpc.ChannelCredentials | None = None,
         **gateway: Any,
     ) -> Platform:
         auth_server = await build_auth(
@@ -113,9 +114,12 @@ async def start_platform(tmp_path: Path, demo_models: Path) -> AsyncIterator[Cal
         gateway_server = await build_gateway(GatewaySettings(**values))
         await gateway_server.start()
         servers.append(gateway_server)
-        channel = grpc.aio.insecure_channel(
-            f"127.0.0.1:{gateway_server.port}",
-            options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
+        address = f"127.0.0.1:{gateway_server.port}"
+        options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+        channel = (
+            grpc.aio.insecure_channel(address, options=options)
+            if client_credentials is None
+            else grpc.aio.secure_channel(address, client_credentials, options=options)
         )
         channels.append(channel)
         platform = Platform(auth_server, inference_server, gateway_server, channel, tmp_path, repository)
