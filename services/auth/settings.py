@@ -21,9 +21,6 @@ class AuthSettings(ServiceSettings):
     port: int = Field(default=50052, ge=0, le=65535, description="gRPC port (0 picks a free port).")
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus /metrics HTTP port.")
 
-    env: Literal["production", "development"] = Field(
-        default="development", description="Where this runs; `production` refuses development-only shortcuts."
-    )
     data_dir: Path = Field(
         default=Path("data/auth"), description="Directory of the default SQLite database, generated keys and outbox."
     )

@@ -11,6 +11,9 @@ run in one process (tests) without sharing or double-registering metrics.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +25,11 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
 
 from services.common.interception import MethodScope, RpcConcern, RpcInfo, split_method
+from services.common.logs import fields
+from services.common.settings import SettingsError
+from services.common.tls import PemFile, check_key_pair
+
+log = logging.getLogger(__name__)
 
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()
@@ -149,6 +157,58 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
+class HttpsCertificate:
+    """The metrics port's certificate: an SSL context, its files re-read when they change."""
+
+    def __init__(self, cert: PemFile, key: PemFile):
+        self._cert, self._key = cert, key
+        check_key_pair(cert, key)  # SettingsError at start-up
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_cert_chain(cert.path, key.path)
+        self._seen = self._signature()
+        self._lock = threading.Lock()
+
+    def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
+        return (self._cert.signature(), self._key.signature())
+
+    def poll(self) -> None:
+        """Before each accepted connection: load the files again if they changed and check out."""
+        with self._lock:
+            signature = self._signature()
+            if signature == self._seen:
+                return
+            self._seen = signature
+            try:
+                check_key_pair(self._cert, self._key)
+                self.context.load_cert_chain(self._cert.path, self._key.path)  # new connections only
+            except (SettingsError, OSError, ssl.SSLError) as error:
+                log.warning("tls.reload_failed", extra=fields(error=str(error), kept="the previous certificate"))
+                return
+            log.info("tls.reloaded", extra=fields(cert_file=str(self._cert.path)))
+
+
+class _ThreadingWSGISServer(_ThreadingWSGIServer):
+    """HTTPS: the TLS handshake runs in the connection's own thread (never in the accepting one)."""
+
+    certificate: HttpsCertificate
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = super().get_request()
+        self.certificate.poll()
+        return self.certificate.context.wrap_socket(
+            connection, server_side=True, do_handshake_on_connect=False
+        ), address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            request.do_handshake()
+        except (OSError, ssl.SSLError):  # a plaintext or refused client: nothing to serve
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
         return
@@ -163,8 +223,9 @@ class MetricsEndpoint:
     Served from a thread, so a busy event loop never delays a scrape.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, https: HttpsCertificate | None = None):
         self._host = host
+        self._https = https
         self._requested_port = port
         self._routes: dict[str, WsgiApp] = {"/metrics": make_wsgi_app(registry)}
         self._server: _ThreadingWSGIServer | None = None
@@ -181,14 +242,21 @@ class MetricsEndpoint:
             return [b"not found\n"]
         return app(environ, start_response)
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self._https is not None else "http"
+
     def start(self) -> int:
-        self._server = make_server(
+        server = make_server(
             self._host,
             self._requested_port,
             self._dispatch,
-            server_class=_ThreadingWSGIServer,
+            server_class=_ThreadingWSGIServer if self._https is None else _ThreadingWSGISServer,
             handler_class=_QuietHandler,
         )
+        if isinstance(server, _ThreadingWSGISServer) and self._https is not None:
+            server.certificate = self._https  # before the first accept
+        self._server = server
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="metrics-http", daemon=True
         )

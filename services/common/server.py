@@ -39,11 +39,17 @@ from services.common.client import create_channel
 from services.common.errors import ErrorTranslation
 from services.common.interception import ChassisInterceptor
 from services.common.logs import bind_service, fields, reset_service
-from services.common.metrics import ClientMetricsInterceptor, MetricsEndpoint, ServerMetrics, WsgiApp
+from services.common.metrics import (
+    ClientMetricsInterceptor,
+    HttpsCertificate,
+    MetricsEndpoint,
+    ServerMetrics,
+    WsgiApp,
+)
 from services.common.request_log import RequestLog
-from services.common.settings import ServiceSettings
+from services.common.settings import ServiceSettings, env_name
 from services.common.telemetry import create_tracer_provider
-from services.common.tls import ClientCertificates, ServerCertificates
+from services.common.tls import ClientCertificates, PemFile, ServerCertificates
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,15 @@ class GrpcServer:
     def __init__(self, settings: ServiceSettings, service: str):
         self.settings = settings
         self.service = service
-        self._certificates = ServerCertificates.from_settings(settings)  # first: SettingsError for a bad file
+        # First: a bad certificate file is a SettingsError before anything is made.
+        self._certificates = ServerCertificates.from_settings(settings)
+        https = None
+        if settings.metrics_tls_cert_file is not None and settings.metrics_tls_key_file is not None:
+            settings_cls = type(settings)
+            https = HttpsCertificate(
+                PemFile(settings.metrics_tls_cert_file, env_name(settings_cls, "metrics_tls_cert_file")),
+                PemFile(settings.metrics_tls_key_file, env_name(settings_cls, "metrics_tls_key_file")),
+            )
         self.registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):  # memory, CPU, fds, start time, GC
             collector(registry=self.registry)
@@ -95,7 +109,7 @@ class GrpcServer:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
         self._service_names: list[str] = []
         self._closers: list[Closer] = []
-        self._metrics = MetricsEndpoint(self.registry, settings.host, settings.metrics_port)
+        self._metrics = MetricsEndpoint(self.registry, settings.host, settings.metrics_port, https)
         self._ready = False
         self._started = False
         self._after_start: list[Callable[[], Awaitable[None]]] = []
@@ -204,8 +218,10 @@ class GrpcServer:
                     host=self.settings.host,
                     port=self.port,
                     transport=self.settings.tls_mode,
+                    plaintext_off_loopback=self.settings.plaintext_off_loopback,
                     health_port=self.health_port or None,
                     metrics_port=self.metrics_port,
+                    metrics_scheme=self._metrics.scheme,
                     services=self._service_names,
                     ready=ready,
                 ),

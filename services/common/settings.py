@@ -9,6 +9,7 @@ pydantic traceback.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -23,6 +24,10 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, validate_default=True)
 
+    env: Literal["production", "development"] = Field(
+        default="development",
+        description="Where this runs; `production` refuses development-only shortcuts (and plaintext off loopback).",
+    )
     host: str = Field(default="127.0.0.1", min_length=1, description="Address the gRPC and metrics servers bind.")
     port: int = Field(default=0, ge=0, le=65535, description="gRPC port (0 picks a free port).")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics HTTP port.")
@@ -63,6 +68,14 @@ class ServiceSettings(BaseSettings):
         default=None,
         description="PEM CA certificates: every client must present a certificate that chains to one (mutual TLS).",
     )
+    allow_plaintext: bool = Field(
+        default=False,
+        description="With env production, serve plaintext on a non-loopback host anyway (a service mesh encrypts).",
+    )
+    metrics_tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate of the metrics HTTP port; with the key, it serves HTTPS only."
+    )
+    metrics_tls_key_file: Path | None = Field(default=None, description="PEM private key of that certificate.")
     health_port: int | None = Field(
         default=None,
         ge=0,
@@ -74,17 +87,27 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _tls_pairs(self) -> ServiceSettings:
         cls = type(self)
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            missing, given = (
-                ("tls_key_file", "tls_cert_file") if self.tls_key_file is None else ("tls_cert_file", "tls_key_file")
-            )
-            raise ValueError(f"{env_name(cls, missing)} is required when {env_name(cls, given)} is set")
+        for cert, key in (("tls_cert_file", "tls_key_file"), ("metrics_tls_cert_file", "metrics_tls_key_file")):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                missing, given = (key, cert) if getattr(self, key) is None else (cert, key)
+                raise ValueError(f"{env_name(cls, missing)} is required when {env_name(cls, given)} is set")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError(
                 f"{env_name(cls, 'tls_client_ca_file')} needs {env_name(cls, 'tls_cert_file')} and"
                 f" {env_name(cls, 'tls_key_file')} (mutual TLS is TLS first)"
             )
+        if self.plaintext_off_loopback and self.env == "production" and not self.allow_plaintext:
+            raise ValueError(
+                f"{env_name(cls, 'host')}={self.host} is not loopback and {env_name(cls, 'tls_cert_file')} is"
+                f" unset: plaintext is refused when {env_name(cls, 'env')}=production (set the TLS files, or"
+                f" {env_name(cls, 'allow_plaintext')}=true when a service mesh encrypts the traffic)"
+            )
         return self
+
+    @property
+    def plaintext_off_loopback(self) -> bool:
+        """The gRPC port speaks plaintext where other machines can reach it."""
+        return self.tls_mode == "plaintext" and not is_loopback(self.host)
 
     @property
     def tls_mode(self) -> Literal["plaintext", "tls", "mtls"]:
@@ -92,6 +115,16 @@ class ServiceSettings(BaseSettings):
         if self.tls_cert_file is None:
             return "plaintext"
         return "mtls" if self.tls_client_ca_file is not None else "tls"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 class SettingsError(Exception):

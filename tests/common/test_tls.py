@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import http.client
 import socket
 import ssl
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.auth import AuthSettings
 from services.auth import build_server as build_auth
 from services.common.settings import SettingsError, load_settings
+from services.gateway import GatewaySettings
 from tests.auth.conftest import auth_settings
 from tests.certs import CertificateAuthority, Issued
 from tests.inference.conftest import eventually_async
@@ -214,3 +217,79 @@ async def test_a_bad_file_stops_start_up_naming_its_variable(case, message, tmp_
         _not_yet(ca).write(tmp_path / "tls", "server")
     with pytest.raises(SettingsError, match=message):
         await build_auth(auth_settings(tmp_path / "auth", **files))
+
+
+# -- production refuses plaintext off loopback -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "refused"),
+    [
+        ({"GATEWAY_HOST": "0.0.0.0"}, True),  # noqa: S104
+        ({"GATEWAY_HOST": "10.0.0.7"}, True),
+        ({"GATEWAY_HOST": "gateway.internal"}, True),
+        ({"GATEWAY_HOST": "0.0.0.0", "GATEWAY_ALLOW_PLAINTEXT": "true"}, False),  # noqa: S104
+        ({"GATEWAY_HOST": "127.0.0.1"}, False),
+        ({"GATEWAY_HOST": "::1"}, False),
+        ({"GATEWAY_HOST": "localhost"}, False),
+        ({"GATEWAY_HOST": "0.0.0.0", "GATEWAY_TLS_CERT_FILE": "a.crt", "GATEWAY_TLS_KEY_FILE": "a.key"}, False),  # noqa: S104
+    ],
+)
+def test_production_refuses_plaintext_off_loopback_unless_allowed(given, refused, monkeypatch):
+    monkeypatch.setenv("GATEWAY_ENV", "production")
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    if refused:
+        with pytest.raises(
+            SettingsError, match=r"plaintext is refused when GATEWAY_ENV=production .*GATEWAY_ALLOW_PLAINTEXT=true"
+        ):
+            load_settings(GatewaySettings)
+    else:
+        load_settings(GatewaySettings)
+
+
+def test_development_serves_plaintext_anywhere(monkeypatch):
+    monkeypatch.setenv("GATEWAY_HOST", "0.0.0.0")  # noqa: S104
+    assert load_settings(GatewaySettings).plaintext_off_loopback
+
+
+# -- HTTPS on the metrics port ----------------------------------------------------------------
+
+
+def fetch(url: str, ca: CertificateAuthority | None = None) -> tuple[int, x509.Certificate | None]:
+    context = ssl.create_default_context(cadata=ca.pem.decode()) if ca is not None else None
+    with urllib.request.urlopen(url, timeout=5, context=context) as response:  # noqa: S310  (our own test URL)
+        sock = response.fp.raw._sock  # the connection's socket, for the served certificate
+        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        return response.status, x509.load_der_x509_certificate(der) if der else None
+
+
+async def test_the_metrics_port_serves_https_and_rereads_its_certificate(start_service, tmp_path, ca, logs):
+    cert, key = ca.issue("metrics").write(tmp_path / "metrics", "metrics")
+    server = await start_service("auth", metrics_tls_cert_file=cert, metrics_tls_key_file=key)
+    url = f"https://localhost:{server.metrics_port}/metrics"
+    status, first = await asyncio.to_thread(fetch, url, ca)
+    assert status == 200
+    with pytest.raises(http.client.RemoteDisconnected):  # plain HTTP gets no answer
+        await asyncio.to_thread(fetch, f"http://localhost:{server.metrics_port}/metrics")
+    ca.issue("metrics, rotated").write(tmp_path / "metrics", "metrics")
+
+    async def rotated() -> bool:
+        _, served = await asyncio.to_thread(fetch, url, ca)
+        return served is not None and first is not None and served.serial_number != first.serial_number
+
+    await eventually_async(rotated, within=10)
+    assert logs.events("server.started")[0]["metrics_scheme"] == "https"
+
+
+def test_metrics_tls_without_its_partner_is_refused(monkeypatch):
+    monkeypatch.setenv("AUTH_METRICS_TLS_CERT_FILE", "m.crt")
+    with pytest.raises(SettingsError, match="AUTH_METRICS_TLS_KEY_FILE is required when AUTH_METRICS_TLS_CERT_FILE"):
+        load_settings(AuthSettings)
+
+
+async def test_a_bad_metrics_key_stops_start_up_naming_its_variable(tmp_path, ca):
+    cert, key = ca.issue("metrics").write(tmp_path / "metrics", "metrics")
+    key.write_bytes(ca.issue("other").key)
+    with pytest.raises(SettingsError, match=r"AUTH_METRICS_TLS_KEY_FILE: the key in .* does not match"):
+        await build_auth(auth_settings(tmp_path / "auth", metrics_tls_cert_file=cert, metrics_tls_key_file=key))
