@@ -105,7 +105,7 @@ class ModelManager:
         self._poll_seconds = poll_seconds
         self._cpu_budget = cpu_budget
         self._models: dict[str, LoadedModel] = {}
-        self._shm_prefix = f"mlp-{os.getpid()}-"
+        self._shm_prefix = f"{ipc.SERVICE_PREFIX}{os.getpid()}-"
         self._ready = False
         self._scanned = False
         self._drains: set[asyncio.Task[None]] = set()

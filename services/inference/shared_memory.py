@@ -63,7 +63,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.inference import codec, reasons
+from services.inference import codec, ipc, reasons
 from services.inference.reasons import check_name, clip
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 SHM_DIR: Final = Path("/dev/shm")  # noqa: S108  (the tmpfs of POSIX shared memory, not a temporary directory)
 EXTENSION: Final = "system_shared_memory"
 """The name ServerMetadata lists when the extension is enabled."""
-SERVICE_SEGMENT_PREFIX: Final = "mlp-"
+SERVICE_SEGMENT_PREFIX: Final = ipc.SERVICE_PREFIX
 """How the service's own worker segments begin (``mlp-<supervisor pid>-<worker id>-...``): never a key."""
 REGION: Final = "shared_memory_region"
 BYTE_SIZE: Final = "shared_memory_byte_size"

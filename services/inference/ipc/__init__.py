@@ -69,12 +69,13 @@ from services.inference.ipc.messages import (
     decode,
     encode,
 )
-from services.inference.ipc.shm import SHM_DIR, Arena, ArenaReader, sweep_segments
+from services.inference.ipc.shm import SERVICE_PREFIX, SHM_DIR, Arena, ArenaReader, sweep_segments
 
 __all__ = [
     "BYTES_DTYPE",
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_SHM_THRESHOLD",
+    "SERVICE_PREFIX",
     "SHM_DIR",
     "STATUS_CODES",
     "Arena",

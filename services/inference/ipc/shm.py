@@ -42,6 +42,8 @@ from services.inference.ipc.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 SHM_DIR: Final = "/dev/shm"  # noqa: S108  (a tmpfs for shared memory, not a temporary directory)
+SERVICE_PREFIX: Final = "mlp-"
+"""Every segment and arena of the inference service starts with this (then the supervisor's pid)."""
 PAGE: Final = mmap.ALLOCATIONGRANULARITY
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _SEGMENT_TRIES = 8
