@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto' | sort)
 GEN_PACKAGES := auth inference gateway
 
-.PHONY: help setup models tools run test lint bench proto proto-check proto-lint proto-breaking clean
+.PHONY: help setup models certs tools run test lint bench proto proto-check proto-lint proto-breaking clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -80,6 +80,9 @@ proto-lint: node_modules/.installed ## buf lint on our proto packages
 
 proto-breaking: node_modules/.installed ## buf breaking against the main branch
 	npx --no-install buf breaking --against '.git#branch=main'
+
+certs: $(VENV)/.installed ## Write a development CA and TLS certificates for the services and a client into certs/
+	$(PY) -m services.devcerts --out certs
 
 run: setup ## Start auth, inference and gateway in the foreground (Ctrl-C stops them)
 	$(PY) -m services.devrun
