@@ -33,6 +33,13 @@ PREFIXES = {"gateway": "GATEWAY_", "auth": "AUTH_", "inference": "INFERENCE_"}
 KUBERNETES_VERSION = "1.34.0"
 # The Secret the prod overlay refers to by name and never renders: the operator creates it (deploy/README.md).
 OPERATOR_SECRET = "auth-secrets"
+# The TLS Secrets the prod overlay mounts (deploy/README.md, "TLS in prod"), and the keys it reads from each.
+TLS_SECRETS = {
+    "gateway-tls": ("tls.crt", "tls.key"),
+    "gateway-upstream-tls": ("tls.crt", "tls.key", "ca.crt"),
+    "auth-tls": ("tls.crt", "tls.key", "ca.crt"),
+    "inference-tls": ("tls.crt", "tls.key", "ca.crt"),
+}
 # Environment names the manifests set for a coming feature: no settings field reads them yet.
 NOT_YET_READ: set[str] = set()  # AUTH_DATABASE_URL is read since issue 14
 
@@ -208,6 +215,28 @@ def prod_secret(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return operator_secret(tmp_path_factory.mktemp("operator"))
 
 
+def tls_secrets() -> list[dict[str, Any]]:
+    """The TLS Secrets as cert-manager writes them (type kubernetes.io/tls), from a CA made here."""
+    from tests.certs import CertificateAuthority
+
+    ca = CertificateAuthority("ml-platform internal")
+    secrets = []
+    for name, keys in TLS_SECRETS.items():
+        issued = ca.issue(name.removesuffix("-tls"), names=(f"{name.split('-')[0]}.ml-platform.svc.cluster.local",))
+        files = {"tls.crt": issued.cert, "tls.key": issued.key, "ca.crt": ca.pem}
+        data = {key: base64.b64encode(files[key]).decode() for key in keys}
+        secrets.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "kubernetes.io/tls",
+                "metadata": {"name": name, "namespace": NAMESPACES["prod"]},
+                "data": data,
+            }
+        )
+    return secrets
+
+
 @pytest.fixture(scope="session")
 def rendered(prod_secret: dict[str, Any]) -> dict[str, Rendered]:
     """Every overlay rendered as committed with kubectl kustomize; an overlay that does not render fails its tests."""
@@ -216,7 +245,7 @@ def rendered(prod_secret: dict[str, Any]) -> dict[str, Rendered]:
         out = kustomize(K8S / "overlays" / overlay)
         if out.returncode != 0:
             pytest.fail(f"kubectl kustomize overlays/{overlay} failed:\n{out.stderr}", pytrace=False)
-        provided = [prod_secret] if overlay == "prod" else []
+        provided = [prod_secret, *tls_secrets()] if overlay == "prod" else []
         result[overlay] = Rendered(overlay, load(out.stdout), provided)
     return result
 

@@ -23,6 +23,7 @@ from tests.deploy.conftest import (
     OPERATOR_SECRET,
     PREFIXES,
     REPO,
+    TLS_SECRETS,
     Rendered,
     decode,
     readme_ports,
@@ -107,7 +108,7 @@ def test_prod_renders_as_committed_with_no_secret(rendered):
     prod = rendered["prod"]
     assert not prod.all("Secret")
     names = {name for service in SERVICE_NAMES for name, _, _ in secret_refs(prod, service)}
-    assert names == {OPERATOR_SECRET}
+    assert names == {OPERATOR_SECRET, *TLS_SECRETS}
 
 
 def test_the_operators_secret_command_makes_the_secret_prod_needs(rendered, prod_secret):
@@ -180,13 +181,22 @@ def test_command_image_and_ports(overlay, service):
     assert settings[f"{prefix}HOST"] == "0.0.0.0"  # noqa: S104  (the pod IP, not loopback)
 
 
+def probe_port(overlay: Rendered, service: str) -> int:
+    """The port kubelet's gRPC probes ask: the plaintext health port when the gRPC port speaks TLS."""
+    settings, prefix = overlay.settings(service), PREFIXES[service]
+    if f"{prefix}TLS_CERT_FILE" not in settings:
+        return port(overlay, service, "grpc")
+    assert port(overlay, service, "health") == int(settings[f"{prefix}HEALTH_PORT"]), "the health port is probed"
+    return port(overlay, service, "health")
+
+
 @pytest.mark.parametrize("service", SERVICE_NAMES)
 def test_native_grpc_probes_ask_for_liveness_and_readiness(overlay, service):
     container = overlay.container(service)
-    grpc_port = port(overlay, service, "grpc")
+    probed = probe_port(overlay, service)
     liveness, readiness = container["livenessProbe"], container["readinessProbe"]
-    assert liveness["grpc"] == {"port": grpc_port, "service": "liveness"}
-    assert readiness["grpc"] == {"port": grpc_port, "service": "readiness"}
+    assert liveness["grpc"] == {"port": probed, "service": "liveness"}
+    assert readiness["grpc"] == {"port": probed, "service": "readiness"}
     for probe in (liveness, readiness):
         assert probe.get("timeoutSeconds", 1) < probe.get("periodSeconds", 10)
 
@@ -194,7 +204,7 @@ def test_native_grpc_probes_ask_for_liveness_and_readiness(overlay, service):
 def test_inference_has_a_startup_probe_long_enough_for_model_loading(overlay):
     container = overlay.container("inference")
     startup = container["startupProbe"]
-    assert startup["grpc"] == {"port": port(overlay, "inference", "grpc"), "service": "readiness"}
+    assert startup["grpc"] == {"port": probe_port(overlay, "inference"), "service": "readiness"}
     window = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup["failureThreshold"]
     start_timeout = float(
         overlay.settings("inference").get(
@@ -361,7 +371,9 @@ def test_secrets_come_from_the_secret(overlay):
         assert from_secret.get("AUTH_RATE_LIMIT_STORAGE_URI") == "AUTH_RATE_LIMIT_STORAGE_URI"
         key_file = configmap["AUTH_SIGNING_KEY_FILE"]
         mounts = {m["name"]: m for m in container["volumeMounts"]}
-        volume = next(v for v in overlay.pod_spec("auth")["volumes"] if "secret" in v)
+        volume = next(
+            v for v in overlay.pod_spec("auth")["volumes"] if v.get("secret", {}).get("secretName") == OPERATOR_SECRET
+        )
         mount = mounts[volume["name"]]
         assert mount.get("readOnly") is True
         item = next(i for i in volume["secret"]["items"] if f"{mount['mountPath']}/{i['path']}" == key_file)
@@ -497,3 +509,57 @@ def test_pods_are_annotated_for_prometheus(overlay, service):
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(port(overlay, service, "metrics"))
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+# -- TLS in prod ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+def test_prod_serves_mutual_tls_from_mounted_secrets(rendered, service):
+    """Every TLS file a prod service reads is a key of a documented kubernetes.io/tls-style Secret, mounted whole
+    (no subPath, so renewals reach the running pod); auth and inference ask for client certificates; the gateway
+    presents one to them."""
+    prod = rendered["prod"]
+    settings, prefix = prod.settings(service), PREFIXES[service]
+    files = {name: value for name, value in settings.items() if name.endswith("_FILE") and "TLS" in name}
+    expected = {f"{prefix}TLS_CERT_FILE", f"{prefix}TLS_KEY_FILE"}
+    expected |= (
+        {"GATEWAY_UPSTREAM_TLS_CA_FILE", "GATEWAY_UPSTREAM_TLS_CERT_FILE", "GATEWAY_UPSTREAM_TLS_KEY_FILE"}
+        if service == "gateway"
+        else {f"{prefix}TLS_CLIENT_CA_FILE"}
+    )
+    assert set(files) == expected
+    spec = prod.pod_spec(service)
+    container = prod.container(service)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for name, path in files.items():
+        folder, _, file_name = path.rpartition("/")
+        mount = mounts[folder]
+        assert "subPath" not in mount, f"{name}: a subPath mount never sees a renewed Secret"
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] in TLS_SECRETS, name
+        assert not secret.get("optional")
+        keys = {item["key"]: item["path"] for item in secret["items"]}
+        assert keys.get(file_name) == file_name, f"{name}: {file_name} is not a key of {secret['secretName']}"
+        assert file_name in TLS_SECRETS[secret["secretName"]]
+    assert settings.get(f"{prefix}ENV") == "production", "production: plaintext off loopback would be refused"
+    assert f"{prefix}ALLOW_PLAINTEXT" not in settings
+
+
+def test_the_tls_secrets_are_documented_with_their_keys():
+    readme = (DEPLOY / "README.md").read_text()
+    table = readme.split("| Secret | keys | used by |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for row in table.splitlines()[2:]:
+        cells = row.strip().split("|")
+        names, keys = re.findall(r"`([^`]+)`", cells[1]), set(re.findall(r"`([^`]+)`", cells[2]))
+        rows.update({name: keys for name in names})
+    assert rows == {name: set(keys) for name, keys in TLS_SECRETS.items()}
+    assert "cert-manager" in readme
+
+
+def test_the_grpc_services_no_longer_say_h2c_in_prod(rendered):
+    for service in SERVICE_NAMES:
+        for service_port in rendered["prod"].get("Service", service)["spec"]["ports"]:
+            assert "appProtocol" not in service_port, f"{service}: TLS, not h2c"
