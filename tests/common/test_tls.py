@@ -8,6 +8,8 @@ import datetime
 import http.client
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -293,3 +295,28 @@ async def test_a_bad_metrics_key_stops_start_up_naming_its_variable(tmp_path, ca
     key.write_bytes(ca.issue("other").key)
     with pytest.raises(SettingsError, match=r"AUTH_METRICS_TLS_KEY_FILE: the key in .* does not match"):
         await build_auth(auth_settings(tmp_path / "auth", metrics_tls_cert_file=cert, metrics_tls_key_file=key))
+
+
+@pytest.mark.parametrize(
+    ("module", "env", "variable"),
+    [
+        (
+            "inference",
+            {"INFERENCE_TLS_CERT_FILE": "/nonexistent/tls.crt", "INFERENCE_TLS_KEY_FILE": "/nonexistent/tls.key"},
+            "INFERENCE_TLS_CERT_FILE",
+        ),
+        ("gateway", {"GATEWAY_ENV": "production", "GATEWAY_HOST": "0.0.0.0"}, "GATEWAY_ALLOW_PLAINTEXT"),  # noqa: S104
+    ],
+)
+def test_the_entry_point_exits_2_naming_the_variable(module, env, variable):
+    done = subprocess.run(
+        [sys.executable, "-m", f"services.{module}"],
+        env={"PATH": "", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert variable in done.stderr
+    assert "Traceback" not in done.stderr
