@@ -12,6 +12,7 @@ from bench import (
     ipc_throughput,
     large_tensors,
     model_lifecycle,
+    tls,
     vs_mlserver,
 )
 
@@ -24,5 +25,6 @@ if __name__ == "__main__":
     asyncio.run(vs_mlserver.main())
     asyncio.run(inference_iris.main())
     asyncio.run(gateway_hop.main())
+    asyncio.run(tls.main())
     asyncio.run(large_tensors.main())
     asyncio.run(model_lifecycle.main())
