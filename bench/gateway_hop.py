@@ -54,14 +54,13 @@ from inference import grpc_service_pb2_grpc
 from inference.v1 import worker_pool_pb2 as admin_pb
 from inference.v1 import worker_pool_pb2_grpc
 
-from bench.harness import pinned_repository, process_cpu
+from bench.harness import bench_auth_settings, pinned_repository, process_cpu
 from services.inference.codec import make_infer_request, response_arrays
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 MODEL = "iris"
 WORKERS = 2
 SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
-UNLIMITED = "1000000/minute"
 USERNAME = "bench-gateway"
 PASSWORD = "a perfectly fine passphrase"  # noqa: S105  (the benchmark account's password)
 GATEWAYS = {  # name -> its GATEWAY_* environment
@@ -102,18 +101,8 @@ async def _serve(role: str, args: Sequence[str]) -> None:
         described: dict[str, Any] = {}
         if role == "auth":
             from services.auth.app import build_server as build_auth
-            from services.auth.settings import AuthSettings
 
-            server = await build_auth(
-                AuthSettings(
-                    **common,
-                    data_dir=Path(root),
-                    hash_profile="development",
-                    login_rate_per_ip=UNLIMITED,
-                    login_rate_per_account=UNLIMITED,
-                    trusted_proxies=["127.0.0.1/32"],
-                )
-            )
+            server = await build_auth(bench_auth_settings(Path(root), **common))
         elif role == "inference":
             from services.inference.app import build_server as build_inference
             from services.inference.settings import InferenceSettings

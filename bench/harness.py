@@ -1,4 +1,5 @@
-"""What the benchmarks share: a pinned copy of demo models, percentiles, and CPU readings from /proc."""
+"""What the benchmarks share: a pinned copy of demo models, an auth server that measures nothing but itself,
+percentiles, and CPU readings from /proc."""
 
 from __future__ import annotations
 
@@ -6,10 +7,29 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+if TYPE_CHECKING:
+    from services.auth.settings import AuthSettings
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+UNLIMITED = "1000000/minute"  # a login rate no benchmark reaches
+
+
+def bench_auth_settings(data_dir: Path, **common: Any) -> AuthSettings:
+    """Auth for a benchmark's gateway: the fast hash profile, no login limits, the loopback proxy trusted."""
+    from services.auth.settings import AuthSettings
+
+    return AuthSettings(
+        **common,
+        data_dir=data_dir,
+        hash_profile="development",
+        login_rate_per_ip=UNLIMITED,
+        login_rate_per_account=UNLIMITED,
+        trusted_proxies=["127.0.0.1/32"],
+    )
 
 
 def pinned_repository(root: Path, source: Path, names: Sequence[str], low: int, high: int | None = None) -> Path:

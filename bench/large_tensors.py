@@ -67,7 +67,7 @@ from inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub as ShmStub
 from inference.v1 import worker_pool_pb2 as admin_pb
 from inference.v1 import worker_pool_pb2_grpc
 
-from bench.harness import machine_busy, pinned_repository, process_cpu
+from bench.harness import bench_auth_settings, machine_busy, pinned_repository, process_cpu
 from services.inference import codec, ipc
 from services.inference.codec import make_infer_request, response_arrays
 
@@ -77,7 +77,6 @@ WORKERS = 2  # per model
 MiB = 1 << 20
 MESSAGE_LIMIT = 128 * MiB  # the echo's, as the inference service's and the gateway's defaults
 SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
-UNLIMITED = "1000000/minute"
 USERNAME = "bench-large-tensors"
 PASSWORD = "a perfectly fine passphrase"  # noqa: S105  (the benchmark account's password)
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 * MiB), ("grpc.max_receive_message_length", 256 * MiB)]
@@ -141,18 +140,8 @@ async def _serve(role: str, args: Sequence[str]) -> None:
             return
         if role == "auth":
             from services.auth.app import build_server as build_auth
-            from services.auth.settings import AuthSettings
 
-            built = await build_auth(
-                AuthSettings(
-                    **common,
-                    data_dir=Path(root),
-                    hash_profile="development",
-                    login_rate_per_ip=UNLIMITED,
-                    login_rate_per_account=UNLIMITED,
-                    trusted_proxies=["127.0.0.1/32"],
-                )
-            )
+            built = await build_auth(bench_auth_settings(Path(root), **common))
         elif role == "inference":
             from services.inference.app import build_server as build_inference
             from services.inference.settings import InferenceSettings

@@ -45,8 +45,8 @@ from inference import grpc_service_pb2_grpc
 from inference.v1 import worker_pool_pb2 as admin_pb
 from inference.v1 import worker_pool_pb2_grpc
 
-from bench.gateway_hop import CHANNEL_OPTIONS, ROW, SERVER_ENV, UNLIMITED, Meter, Result, Target, _compare, _token
-from bench.harness import pinned_repository
+from bench.gateway_hop import CHANNEL_OPTIONS, ROW, SERVER_ENV, Meter, Result, Target, _compare, _token
+from bench.harness import bench_auth_settings, pinned_repository
 from services.devcerts import write_certificates
 from services.inference.codec import make_infer_request, response_arrays
 
@@ -87,18 +87,8 @@ async def _serve(role: str, args: Sequence[str]) -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-tls-{role}-") as root:
         if role == "auth":
             from services.auth.app import build_server as build_auth
-            from services.auth.settings import AuthSettings
 
-            server = await build_auth(
-                AuthSettings(
-                    **common,
-                    data_dir=Path(root),
-                    hash_profile="development",
-                    login_rate_per_ip=UNLIMITED,
-                    login_rate_per_account=UNLIMITED,
-                    trusted_proxies=["127.0.0.1/32"],
-                )
-            )
+            server = await build_auth(bench_auth_settings(Path(root), **common))
         elif role == "inference":
             from services.inference.app import build_server as build_inference
             from services.inference.settings import InferenceSettings
