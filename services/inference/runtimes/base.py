@@ -90,11 +90,15 @@ def non_finite_input(inputs: Mapping[str, np.ndarray]) -> str | None:
 
 def check_finite(config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> None:
     """Raise InvalidInput if ``config`` refuses non-finite values and an input holds some."""
-    if input_policy(config).allow_non_finite:
-        return
+    if not input_policy(config).allow_non_finite:
+        refuse_non_finite(config.name, inputs)
+
+
+def refuse_non_finite(model: str, inputs: Mapping[str, np.ndarray]) -> None:
+    """Raise InvalidInput if an input holds NaN or infinity (for a runtime that decided at load to refuse them)."""
     name = non_finite_input(inputs)
     if name is not None:
-        raise InvalidInput(f"input {name!r} holds NaN or infinity, which model {config.name} does not take")
+        raise InvalidInput(f"input {name!r} holds NaN or infinity, which model {model} does not take")
 
 
 @runtime_checkable

@@ -38,7 +38,13 @@ import skops.io  # type: ignore[import-untyped]
 from sklearn.pipeline import Pipeline  # type: ignore[import-untyped]
 
 from services.inference.repository import ModelConfig
-from services.inference.runtimes.base import ModelError, cast_outputs, check_finite, input_policy, runtime_parameters
+from services.inference.runtimes.base import (
+    ModelError,
+    cast_outputs,
+    input_policy,
+    refuse_non_finite,
+    runtime_parameters,
+)
 
 ARTIFACT = "model.skops"
 
@@ -143,7 +149,7 @@ class SklearnRuntime:
         if self._input not in inputs:
             raise ModelError(f"input {self._input} is missing")
         if self._finite:
-            check_finite(self._config, inputs)
+            refuse_non_finite(self._config.name, inputs)
         features = inputs[self._input]
         results: dict[str, Any] = {}
         with sklearn.config_context(assume_finite=self._finite):
